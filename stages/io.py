@@ -1,0 +1,100 @@
+"""File helpers shared by every stage: atomic writes and the stage error type.
+
+Outputs are written next to their final path under a temporary name and renamed into place, so a stage killed
+half-way never leaves a file (or folder) that looks complete to the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("stages")
+
+# One schema for every rejected-rows file: where the row came from, why it stops, and its original text.
+REJECTED_COLUMNS = ["source_file", "line", "id", "reason", "detail", "text"]
+
+
+class StageError(RuntimeError):
+    """A problem with the inputs that the user must fix; `main` prints it and exits with status 1."""
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; on success it replaces `final`, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if directory and final.exists():
+        # A folder cannot be replaced by rename in one step: move the old one aside first.
+        old = final.with_name(f".{final.name}.old")
+        _remove(old)
+        final.rename(old)
+        tmp.rename(final)
+        _remove(old)
+    else:
+        os.replace(tmp, final)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_frame(path: Path, frame, **kwargs) -> None:
+    """Write a DataFrame as Parquet or CSV, chosen by the suffix."""
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            frame.to_parquet(tmp, index=False, **kwargs)
+        elif path.suffix == ".csv":
+            frame.to_csv(tmp, index=False, **kwargs)
+        else:
+            raise ValueError(f"{path}: unsupported output format (use .parquet or .csv)")
+
+
+def read_json(path: Path) -> Any:
+    with Path(path).open(encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def run_main(run: Callable[[], Any]) -> int:
+    """Run a stage body: user-facing errors become one clear message on stderr and exit status 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    from stages.params import ParamsError
+
+    try:
+        run()
+    except (StageError, ParamsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
