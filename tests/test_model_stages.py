@@ -1,0 +1,131 @@
+"""tokenize, train and evaluate on tiny data with tiny random models (a BERT and a GPT-2 without pad token)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors import safe_open
+
+from stages import evaluate, split, tokenize, train
+from stages.evaluate import classification_summary, confident_errors
+from stages.params import parse
+from stages.tokenize import encode
+from stages.train import history_frames, prepare_checkpoints
+from tests.conftest import minilm_dir, project_params, synthetic_rows, write_params
+
+
+def test_encode_truncates_and_reports_full_length():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    texts = ["short one", "word " * 50, ""]
+    ids, full = encode(tokenizer, texts, max_length=16)
+    untruncated = tokenizer(texts)["input_ids"]
+    assert full == [len(x) for x in untruncated] == [4, 52, 2]
+    assert [len(x) for x in ids] == [4, 16, 2]
+    assert ids[1][0] == tokenizer.cls_token_id and ids[1][-1] == tokenizer.sep_token_id
+    assert ids[0] == untruncated[0]
+
+
+def test_classification_summary_numbers():
+    actual = ["a", "a", "b", "b", "c"]
+    predicted = ["a", "b", "b", "b", "a"]
+    summary = classification_summary(actual, predicted, ["a", "b", "c"])
+    m = summary["metrics"]
+    assert m["accuracy"] == 0.6
+    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert m["per_class"]["b"]["precision"] == pytest.approx(0.6667, abs=1e-4)
+    assert m["macro"]["f1"] == pytest.approx((0.5 + 0.8 + 0) / 3, abs=1e-4)
+    assert summary["confusion_matrix"]["rows_actual_columns_predicted"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_confident_errors_are_sorted_and_truncated():
+    frame = pd.DataFrame({"id": ["1", "2", "3"], "source_file": "a.csv", "line": [2, 3, 4],
+                          "text": ["x" * 500, "y", "z"], "actual": ["a", "b", "a"], "predicted": ["b", "b", "c"],
+                          "confidence": [0.7, 0.99, 0.9]})
+    errors = confident_errors(frame, top=5)
+    assert [e["id"] for e in errors] == ["3", "1"]
+    assert len(errors[1]["text"]) == 300 and errors[0]["source"] == "a.csv:4"
+
+
+def test_history_frames_split_steps_and_epochs():
+    log = [{"loss": 1.0, "learning_rate": 1e-3, "grad_norm": 2.0, "epoch": 0.5, "step": 1},
+           {"eval_loss": 0.9, "eval_accuracy": 0.5, "eval_macro_f1": 0.4, "epoch": 1.0, "step": 2},
+           {"train_runtime": 3.0, "train_loss": 0.8, "epoch": 1.0, "step": 2}]
+    steps, epochs = history_frames(log)
+    assert steps.to_dict("records") == [{"step": 1, "epoch": 0.5, "loss": 1.0, "learning_rate": 1e-3,
+                                         "grad_norm": 2.0}]
+    assert epochs["eval_macro_f1"].tolist() == [0.4]
+
+
+def test_stale_checkpoints_are_cleared_and_matching_ones_resumed(tmp_path):
+    folder = tmp_path / "ck"
+    assert prepare_checkpoints(folder, {"train": 1}) is None
+    (folder / "checkpoint-7").mkdir()
+    (folder / "checkpoint-7" / "trainer_state.json").write_text("{}")
+    assert prepare_checkpoints(folder, {"train": 1}).endswith("checkpoint-7")
+    assert prepare_checkpoints(folder, {"train": 2}) is None
+    assert not (folder / "checkpoint-7").exists()
+
+
+def prepared_project(tmp_path, model_dir, **overrides):
+    """params.yaml for tmp_path and a validated file made of synthetic rows, split and tokenized."""
+    raw = project_params(tmp_path, model=model_dir, **overrides)
+    params = parse(raw)
+    rows = pd.DataFrame(synthetic_rows(40)).assign(source_file="a.csv", line=range(2, 122), n_votes=1,
+                                                   agreement=1.0)
+    params.paths.validated.parent.mkdir(parents=True)
+    rows.to_parquet(params.paths.validated)
+    split.run(params.paths, params.split)
+    return params, write_params(tmp_path, raw)
+
+
+def test_tokenize_main_writes_arrow_labels_and_report(tmp_path, tiny_bert):
+    params, params_file = prepared_project(tmp_path, tiny_bert)
+    assert tokenize.main(["--params", str(params_file)]) == 0
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(params.paths.tokenized_dir / "data"))
+    sizes = json.loads(params.paths.split_report.read_text())["rows"]
+    assert {name: len(data[name]) for name in data} == sizes
+    assert data["train"].features["labels"].names == ["business", "sport", "tech"]
+    assert max(data["train"]["length"]) <= 32
+    assert (params.paths.tokenized_dir / "tokenizer" / "tokenizer.json").is_file()
+    report = json.loads(params.paths.tokenize_report.read_text())
+    assert report["splits"]["train"]["rows"] == sizes["train"]
+    assert 0 <= report["splits"]["train"]["truncated_fraction"] <= 1
+    assert report["splits"]["train"]["p50"] > 5
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_bert", "tiny_gpt2"])
+def test_train_and_evaluate_main(tmp_path, request, model_fixture):
+    model_dir = request.getfixturevalue(model_fixture)
+    params, params_file = prepared_project(tmp_path, model_dir, train__epochs=4)
+    assert tokenize.main(["--params", str(params_file)]) == 0
+    assert train.main(["--params", str(params_file)]) == 0
+
+    out = params.paths.model_dir
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "business", "1": "sport", "2": "tech"}
+    assert config["pad_token_id"] is not None
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert any("score" in k or "classifier" in k for k in weights.keys())
+    steps = pd.read_csv(params.paths.train_history)
+    epochs = pd.read_csv(params.paths.eval_history)
+    assert steps["step"].is_monotonic_increasing and steps["loss"].notna().all()
+    assert epochs["epoch"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    report = json.loads(params.paths.train_report.read_text())
+    assert report["best_validation_macro_f1"] == pytest.approx(epochs["eval_macro_f1"].max(), abs=1e-4)
+    assert steps["loss"].tail(3).mean() < steps["loss"].head(3).mean()
+
+    assert evaluate.main(["--params", str(params_file)]) == 0
+    metrics = json.loads(params.paths.metrics.read_text())
+    predictions = pd.read_csv(params.paths.predictions)
+    test_rows = json.loads(params.paths.split_report.read_text())["rows"]["test"]
+    assert metrics["test_rows"] == len(predictions) == test_rows
+    assert metrics["accuracy"] == pytest.approx((predictions["actual"] == predictions["predicted"]).mean(), abs=1e-4)
+    # Three classes with separate vocabularies: even a tiny model beats chance (1/3) clearly.
+    assert metrics["accuracy"] > 0.6, metrics
+    assert np.all((predictions["confidence"] > 0) & (predictions["confidence"] <= 1))

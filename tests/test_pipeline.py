@@ -1,0 +1,175 @@
+"""Wiring: dvc.yaml declares what each stage imports and reads; `dvc repro` on a tiny copy of the project."""
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from stages.params import load
+from tests.conftest import ROOT, synthetic_rows, write_csv
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def stage_imports(module: str, seen: set | None = None) -> set[str]:
+    """stages.* modules imported by `module`, transitively."""
+    seen = set() if seen is None else seen
+    tree = ast.parse((ROOT / "stages" / f"{module}.py").read_text())
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages"):
+            names = [node.module] if node.module != "stages" else [f"stages.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("stages.")]
+        for name in names:
+            child = name.split(".")[1]
+            if child not in seen:
+                seen.add(child)
+                stage_imports(child, seen)
+    return seen
+
+
+def render(value: str) -> str:
+    return re.sub(r"\$\{paths\.(\w+)\}", lambda m: PARAMS["paths"][m.group(1)], value)
+
+
+def names(entries) -> list[str]:
+    return [render(next(iter(e)) if isinstance(e, dict) else e) for e in entries or []]
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_each_stage_declares_its_code_params_and_paths(stage):
+    spec = DVC[stage]
+    assert spec["cmd"] == f"python -m stages.{stage}"
+    deps = names(spec["deps"])
+    needed = {f"stages/{m}.py" for m in stage_imports(stage) | {stage}}
+    assert needed <= set(deps), f"{stage}: undeclared code deps {needed - set(deps)}"
+    assert stage in spec["params"]
+    declared = {str(p) for p in PARAMS["paths"].values()}
+    for path in deps + names(spec.get("outs")) + names(spec.get("metrics")) + names(spec.get("plots")):
+        assert path.startswith("stages/") or path in declared, f"{stage}: {path} is not a paths.* value"
+
+
+def test_heavy_libraries_stay_out_of_the_data_stages():
+    code = f"import sys; import stages.clean, stages.validate, stages.split; print(sorted(m for m in ('torch', " \
+           f"'transformers', 'mlflow', 'datasets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_output_path_is_produced_by_exactly_one_stage():
+    outs = [p for spec in DVC.values() for key in ("outs", "metrics", "plots") for p in names(spec.get(key))]
+    assert len(outs) == len(set(outs))
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def split_membership(project: Path) -> dict[str, str]:
+    return {text: name for name in ("train", "validation", "test")
+            for text in pd.read_parquet(project / "data/split" / f"{name}.parquet")["text"]}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_bert):
+    """A copy of the project with tiny data and a tiny BERT, after one `dvc repro`."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "stages"):
+        src = ROOT / name
+        shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() \
+            else shutil.copy(src, root / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["validate"]["labels"] = {"sport": ["sports"], "business": [], "tech": []}
+    params["validate"]["min_per_class"] = 10
+    params["model"]["name"] = "models/pretrained/tiny-bert"
+    params["tokenize"]["max_length"] = 32
+    params["train"].update({"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "save_every_steps": 5})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(tiny_bert, root / "models/pretrained/tiny-bert")
+    rows = synthetic_rows(30, seed=11)
+    rows += [dict(rows[0])]  # an exact duplicate
+    rows += [{"id": "bad", "text": "A text with an unknown label", "label": "weather"}]
+    write_csv(root / "data/raw/batch1.csv", rows)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc(root, "init", "-q")
+    dvc(root, "config", "core.analytics", "false")
+    first = dvc(root, "repro")
+    return root, first.stdout
+
+
+@pytest.mark.e2e
+def test_repro_runs_every_stage_and_accounts_for_rows(project):
+    root, output = project
+    assert ran_stages(output) == ["clean", "validate", "split", "tokenize", "train", "evaluate"]
+    clean_report = json.loads((root / "reports/clean.json").read_text())
+    validation = json.loads((root / "reports/validation.json").read_text())
+    assert clean_report["totals"]["rows_read"] == 92
+    assert clean_report["totals"]["rejected"] == {"duplicate": 1}
+    assert validation["rejected"] == {"unknown_label": 1}
+    assert validation["kept"] == 90
+    splits = json.loads((root / "reports/split.json").read_text())["rows"]
+    assert sum(splits.values()) == 90
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert metrics["test_rows"] == splits["test"]
+    assert (root / "models/model/model.safetensors").is_file()
+    assert (root / "models/checkpoints/fingerprint.json").is_file()
+
+
+@pytest.mark.e2e
+def test_second_repro_does_nothing_and_dvc_views_work(project):
+    root, _ = project
+    again = dvc(root, "repro")
+    assert ran_stages(again.stdout) == []
+    metrics = json.loads(dvc(root, "metrics", "show", "--json").stdout)
+    assert "accuracy" in json.dumps(metrics)
+    dvc(root, "params", "diff")
+    plots = dvc(root, "plots", "show", "-o", str(root / "plots_out"))
+    assert (root / "plots_out" / "index.html").is_file(), plots.stdout
+
+
+@pytest.mark.e2e
+def test_train_param_change_reruns_train_and_evaluate_only(project):
+    root, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 4e-3
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = dvc(root, "repro")
+    assert ran_stages(result.stdout) == ["train", "evaluate"]
+    diff = dvc(root, "params", "diff", "--json")
+    assert diff.returncode == 0
+
+
+@pytest.mark.e2e
+def test_new_annotation_file_reruns_data_stages_and_keeps_splits(project):
+    root, _ = project
+    before = split_membership(root)
+    write_csv(root / "data/raw/batch2.csv", synthetic_rows(8, seed=99, prefix="new"))
+    result = dvc(root, "repro")
+    assert ran_stages(result.stdout)[:4] == ["clean", "validate", "split", "tokenize"]
+    after = split_membership(root)
+    assert len(after) > len(before)
+    moved = {text for text, name in before.items() if after.get(text) != name}
+    assert moved == set()
