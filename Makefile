@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install repro clean-outputs
+.PHONY: run test install repro serve ui serve-model
 
 run: $(STAMP)
 	$(BIN)/python -m stages.import_default
@@ -37,3 +37,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
+
+# Services, all bound to 127.0.0.1 (see flows/serve.py):
+serve: $(STAMP)        ## Prefect server + the watch flow's deployment on the cron of params.yaml (UI :4200)
+	$(BIN)/python -m flows.serve schedule
+
+ui: $(STAMP)           ## MLflow UI over mlflow.db (:5000)
+	$(BIN)/python -m flows.serve mlflow-ui
+
+serve-model: $(STAMP)  ## REST API of the registered champion model (:5001)
+	$(BIN)/python -m flows.serve model

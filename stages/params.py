@@ -49,6 +49,12 @@ class Paths(Section):
     metrics: Path
     evaluation: Path
     predictions: Path
+    mlflow_db: Path
+    mlflow_artifacts: Path
+    mlflow_run: Path
+    promotion: Path
+    watch_state: Path
+    pipeline_lock: Path
 
 
 class Columns(Section):
@@ -153,6 +159,21 @@ class Evaluate(Section):
     top_errors: int = Field(20, ge=0)
 
 
+class Mlflow(Section):
+    experiment: str = "sft-pipeline"
+    registered_model: str = "sft-classifier"
+    # A new version becomes `champion` when its metric >= the champion's + margin; otherwise it is `challenger`.
+    promotion_metric: str = "test_macro_f1"
+    promotion_margin: float = 0.0
+
+
+class Watch(Section):
+    # When the deployment of the watch flow looks for new annotations (cron syntax, server time zone).
+    cron: str = "*/10 * * * *"
+    # How long a run waits for another one to finish before it gives up and says so.
+    lock_timeout_s: float = Field(0, ge=0)
+
+
 class Params(Section):
     paths: Paths
     clean: Clean = Clean()
@@ -162,6 +183,8 @@ class Params(Section):
     tokenize: Tokenize = Tokenize()
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
+    mlflow: Mlflow = Mlflow()
+    watch: Watch = Watch()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
 

@@ -8,11 +8,14 @@ Writes paths.model_dir        the best epoch's model (safetensors) and the token
        paths.train_history    CSV per logged optimizer step: step, epoch, loss, learning_rate, grad_norm
        paths.eval_history     CSV per epoch: validation loss, accuracy, macro-F1
        paths.train_report     JSON: best epoch, runtime, throughput, whether and where the run resumed
+       paths.mlflow_run       JSON: the MLflow run opened here (params, tags, loss per step, validation per epoch);
+                              evaluate logs into the same run
 
 The loop is Hugging Face's Trainer: AdamW, linear schedule with warmup, weight decay, gradient accumulation, dynamic
 padding per batch, validation macro-F1 after every epoch and the best epoch restored at the end. A checkpoint is also
 written every `train.save_every_steps` optimizer steps. Checkpoints are only resumed when they were made from the same
-train and model params and the same tokenized data (`fingerprint.json`); otherwise they are cleared first.
+train and model params and the same tokenized data (`fingerprint.json`); otherwise they are cleared first. A resumed
+run continues the MLflow run of the interrupted one, so one training is one MLflow run.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ import pandas as pd
 
 from stages.io import StageError, atomic_path, read_json, run_main, write_frame, write_json
 from stages.modeling import fingerprint, load_classifier, load_tokenizer, pick_device
-from stages.params import Model, Paths, Train, add_params_argument, load
+from stages.params import Model, Params, Paths, Train, add_params_argument, load
 
 FINGERPRINT_FILE = "fingerprint.json"
+RUN_ID_FILE = "mlflow_run_id"
 STEP_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm"]
 EPOCH_COLUMNS = ["step", "epoch", "eval_loss", "eval_accuracy", "eval_macro_f1"]
 
@@ -128,7 +132,8 @@ def training_arguments(paths: Paths, options: Train, device: str):
     )
 
 
-def run(paths: Paths, model: Model, options: Train) -> dict:
+def run(paths: Paths, model: Model, options: Train, track: Params | None = None) -> dict:
+    """Train and write the model and reports; with `track` (the whole params), record it all in MLflow too."""
     import torch
     from datasets import load_from_disk
     from transformers import DataCollatorWithPadding, Trainer, set_seed
@@ -146,6 +151,13 @@ def run(paths: Paths, model: Model, options: Train) -> dict:
     resume = prepare_checkpoints(paths.checkpoints_dir, run_fingerprint(model, options, paths.tokenized_dir))
     if resume:
         print(f"train: resuming from {resume}")
+    run_id = None
+    if track is not None:
+        from stages import tracking
+
+        id_file = paths.checkpoints_dir / RUN_ID_FILE
+        run_id = tracking.start_training_run(track, id_file.read_text().strip() if resume and id_file.is_file() else None)
+        id_file.write_text(run_id)
 
     trainer = Trainer(
         model=classifier,
@@ -159,7 +171,14 @@ def run(paths: Paths, model: Model, options: Train) -> dict:
         callbacks=[mid_epoch_checkpoints(options.save_every_steps)],
     )
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    except BaseException:
+        if run_id:
+            import mlflow
+
+            mlflow.end_run(status="FAILED")
+        raise
     elapsed = time.perf_counter() - started
 
     with atomic_path(paths.model_dir, directory=True) as tmp:
@@ -187,6 +206,18 @@ def run(paths: Paths, model: Model, options: Train) -> dict:
         "best_checkpoint": trainer.state.best_model_checkpoint,
     }
     write_json(paths.train_report, report)
+    if run_id:
+        import mlflow
+
+        logged = tracking.log_history(run_id, trainer.state.log_history)
+        mlflow.log_metrics({"train_runtime_s": report["runtime_s"],
+                            "train_samples_per_second": report["train_samples_per_second"] or 0.0,
+                            "best_val_macro_f1": report["best_validation_macro_f1"] or 0.0})
+        mlflow.log_artifact(str(paths.train_report))
+        mlflow.end_run()
+        write_json(paths.mlflow_run, {"run_id": run_id, "tracking_uri": tracking.tracking_uri(paths),
+                                      "experiment": track.mlflow.experiment, "metrics_logged": logged})
+        print(f"train: MLflow run {run_id} ({logged} metric points)")
     print(f"train: {report['global_steps']} steps in {elapsed:.0f} s, best validation macro-F1 "
           f"{report['best_validation_macro_f1']} at epoch {report['best_epoch']}; model in {paths.model_dir}")
     return report
@@ -199,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         params = load(args.params)
-        run(params.paths, params.model, params.train)
+        run(params.paths, params.model, params.train, track=params)
 
     return run_main(body)
 

@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+# Tests keep their MLflow stores in temporary folders (params paths), never in a store named by the environment.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 # Three classes with their own vocabulary, so that even a tiny model learns them in a few steps.
 TOPICS = {
@@ -126,3 +129,44 @@ def write_csv(path: Path, rows: list[dict], columns=("id", "text", "label")) -> 
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def make_project(root: Path, tiny_model: Path, rows: list[dict] | None = None, **train) -> Path:
+    """A runnable copy of the project (dvc.yaml, stages, params) with tiny data and a tiny model, git and DVC set."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["validate"]["labels"] = {"sport": ["sports"], "business": [], "tech": []}
+    params["validate"]["min_per_class"] = 10
+    params["model"]["name"] = "models/pretrained/tiny-model"
+    params["tokenize"]["max_length"] = 32
+    params["train"].update({"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "save_every_steps": 5, **train})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(tiny_model, root / "models/pretrained/tiny-model")
+    write_csv(root / "data/raw/batch1.csv", synthetic_rows(30, seed=11) if rows is None else rows)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=env)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=root, check=True, env=env)
+    return root
+
+
+def prepared_project(tmp_path, model_dir, **overrides):
+    """params.yaml for tmp_path and a validated file made of synthetic rows, split and tokenized."""
+    import pandas as pd
+
+    from stages import split
+    from stages.params import parse
+
+    raw = project_params(tmp_path, model=model_dir, **overrides)
+    params = parse(raw)
+    rows = pd.DataFrame(synthetic_rows(40)).assign(source_file="a.csv", line=range(2, 122), n_votes=1,
+                                                   agreement=1.0)
+    params.paths.validated.parent.mkdir(parents=True)
+    rows.to_parquet(params.paths.validated)
+    split.run(params.paths, params.split)
+    return params, write_params(tmp_path, raw)

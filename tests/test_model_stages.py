@@ -7,12 +7,11 @@ import pandas as pd
 import pytest
 from safetensors import safe_open
 
-from stages import evaluate, split, tokenize, train
+from stages import evaluate, tokenize, train
 from stages.evaluate import classification_summary, confident_errors
-from stages.params import parse
 from stages.tokenize import encode
 from stages.train import history_frames, prepare_checkpoints
-from tests.conftest import minilm_dir, project_params, synthetic_rows, write_params
+from tests.conftest import minilm_dir, prepared_project
 
 
 def test_encode_truncates_and_reports_full_length():
@@ -67,18 +66,6 @@ def test_stale_checkpoints_are_cleared_and_matching_ones_resumed(tmp_path):
     assert prepare_checkpoints(folder, {"train": 1}).endswith("checkpoint-7")
     assert prepare_checkpoints(folder, {"train": 2}) is None
     assert not (folder / "checkpoint-7").exists()
-
-
-def prepared_project(tmp_path, model_dir, **overrides):
-    """params.yaml for tmp_path and a validated file made of synthetic rows, split and tokenized."""
-    raw = project_params(tmp_path, model=model_dir, **overrides)
-    params = parse(raw)
-    rows = pd.DataFrame(synthetic_rows(40)).assign(source_file="a.csv", line=range(2, 122), n_votes=1,
-                                                   agreement=1.0)
-    params.paths.validated.parent.mkdir(parents=True)
-    rows.to_parquet(params.paths.validated)
-    split.run(params.paths, params.split)
-    return params, write_params(tmp_path, raw)
 
 
 def test_tokenize_main_writes_arrow_labels_and_report(tmp_path, tiny_bert):

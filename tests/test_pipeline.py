@@ -4,7 +4,6 @@ import ast
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 from stages.params import load
-from tests.conftest import ROOT, synthetic_rows, write_csv
+from tests.conftest import ROOT, make_project, synthetic_rows, write_csv
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -96,26 +95,10 @@ def split_membership(project: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_bert):
     """A copy of the project with tiny data and a tiny BERT, after one `dvc repro`."""
-    root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "stages"):
-        src = ROOT / name
-        shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() \
-            else shutil.copy(src, root / name)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["validate"]["labels"] = {"sport": ["sports"], "business": [], "tech": []}
-    params["validate"]["min_per_class"] = 10
-    params["model"]["name"] = "models/pretrained/tiny-bert"
-    params["tokenize"]["max_length"] = 32
-    params["train"].update({"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "save_every_steps": 5})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(tiny_bert, root / "models/pretrained/tiny-bert")
     rows = synthetic_rows(30, seed=11)
     rows += [dict(rows[0])]  # an exact duplicate
     rows += [{"id": "bad", "text": "A text with an unknown label", "label": "weather"}]
-    write_csv(root / "data/raw/batch1.csv", rows)
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    dvc(root, "init", "-q")
-    dvc(root, "config", "core.analytics", "false")
+    root = make_project(tmp_path_factory.mktemp("project"), tiny_bert, rows)
     first = dvc(root, "repro")
     return root, first.stdout
 

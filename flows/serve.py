@@ -1,0 +1,130 @@
+"""Long-running services, all on 127.0.0.1, all offline, no telemetry.
+
+    python -m flows.serve schedule     # `make serve`: a local Prefect server (SQLite under .prefect/) and a deployment
+                                       #   of the watch flow on the cron of params.yaml watch.cron; UI on :4200
+    python -m flows.serve mlflow-ui    # `make ui`: the MLflow UI over the project's store, on :5000
+    python -m flows.serve model        # `make serve-model`: the champion model's REST API, on :5001
+                                       #   curl -X POST 127.0.0.1:5001/invocations -H 'Content-Type: application/json'
+                                       #        -d '{"dataframe_records": [{"text": "Shares rose after the results"}]}'
+
+Trigger the deployment once by hand (while `make serve` runs):
+    PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run watch-annotations/watch-annotations
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+DEPLOYMENT = "watch-annotations"
+
+
+def quiet_env(root: Path) -> dict[str, str]:
+    """Environment for Prefect and MLflow: local state under the project, no telemetry, loopback only."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(root / ".prefect")),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": HOST,
+        "MLFLOW_ENABLE_TELEMETRY": "false",
+        "DVC_NO_ANALYTICS": "1",
+    }
+
+
+def wait_for(url: str, seconds: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds:.0f} s")
+
+
+def schedule(root: Path, port: int) -> int:
+    """Start the Prefect server, then serve the watch flow's deployment until interrupted."""
+    env = quiet_env(root)
+    api = f"http://{HOST}:{port}/api"
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port",
+                               str(port)], cwd=root, env=env)
+    try:
+        wait_for(f"{api}/health", 180, server)  # the first start migrates the SQLite database
+        os.environ.update({k: env[k] for k in ("DO_NOT_TRACK", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")})
+        os.environ["PREFECT_API_URL"] = api
+        from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+        from flows.pipeline import project_params, watch_flow
+
+        params = project_params(root)
+        print(f"Prefect UI: http://{HOST}:{port}  deployment {DEPLOYMENT}/{DEPLOYMENT}, cron {params.watch.cron!r}")
+        watch_flow.serve(
+            name=DEPLOYMENT,
+            cron=params.watch.cron,
+            parameters={"root": str(root)},
+            # One run at a time; a run due while another is busy is cancelled (and says so in the UI).
+            global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            description="Runs the DVC pipeline when annotation files in data/raw are new or changed.",
+        )
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return 0
+
+
+def mlflow_ui(root: Path, port: int) -> int:
+    from stages.params import load
+    from stages.tracking import tracking_uri
+
+    params = load(root / "params.yaml")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(params.paths),
+               "--default-artifact-root", (root / params.paths.mlflow_artifacts).resolve().as_uri(),
+               "--host", HOST, "--port", str(port)]
+    print(f"MLflow UI: http://{HOST}:{port}")
+    return subprocess.call(command, cwd=root, env=quiet_env(root))
+
+
+def serve_model(root: Path, port: int, alias: str) -> int:
+    from stages.params import load
+    from stages.tracking import tracking_uri
+
+    params = load(root / "params.yaml")
+    env = {**quiet_env(root), "MLFLOW_TRACKING_URI": tracking_uri(params.paths)}
+    uri = f"models:/{params.mlflow.registered_model}@{alias}"
+    print(f"Serving {uri} on http://{HOST}:{port}/invocations")
+    return subprocess.call([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+                            "--host", HOST, "--port", str(port)], cwd=root, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("service", choices=["schedule", "mlflow-ui", "model"])
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root")
+    parser.add_argument("--port", type=int, help="port (defaults: schedule 4200, mlflow-ui 5000, model 5001)")
+    parser.add_argument("--alias", default="champion", help="registry alias to serve (model)")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    if args.service == "schedule":
+        return schedule(root, args.port or 4200)
+    if args.service == "mlflow-ui":
+        return mlflow_ui(root, args.port or 5000)
+    return serve_model(root, args.port or 5001, args.alias)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""MLflow tracking shared by train and evaluate: one run per training, the registry and the promotion gate.
+
+The train stage opens the run (params, tags, per-step loss and per-epoch validation metrics) and writes its id to
+paths.mlflow_run; evaluate logs the test metrics, reports, the confusion matrix and the model into the same run,
+registers the model and moves the `champion` alias only when the new version is at least as good. No Trainer
+integration or autolog runs beside it.
+
+The store is SQLite at paths.mlflow_db, artifacts under paths.mlflow_artifacts; MLFLOW_TRACKING_URI overrides the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from stages.params import Mlflow, Params, Paths
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+# Transformers would otherwise start an MLflow run of its own when mlflow is importable.
+os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def tracking_uri(paths: Paths) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(paths.mlflow_db).resolve()}"
+
+
+def experiment_id(paths: Paths, settings: Mlflow) -> str:
+    """Point MLflow at the project's store and return the experiment's id, creating it with local artifacts."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(paths))
+    found = mlflow.get_experiment_by_name(settings.experiment)
+    if found is not None:
+        return found.experiment_id
+    artifacts = Path(paths.mlflow_artifacts).resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    return mlflow.create_experiment(settings.experiment, artifact_location=artifacts.as_uri())
+
+
+def flatten(data, prefix: str = "") -> dict[str, str]:
+    """{"train": {"epochs": 3}} -> {"train.epochs": "3"}; lists stay whole."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        out[prefix[:-1]] = json.dumps(data) if isinstance(data, (list, type(None), bool)) else str(data)
+    return out
+
+
+def git_tags(root: Path = Path(".")) -> dict[str, str]:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit or "unknown", "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def data_tags(paths: Paths, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+    """Content hashes DVC recorded for the raw folder and the validated rows, and the rows per split."""
+    tags = {}
+    if lock_file.is_file():
+        lock = yaml.safe_load(lock_file.read_text()) or {}
+        stages = lock.get("stages", {})
+
+        def md5(stage: str, kind: str, path: Path) -> str | None:
+            for entry in stages.get(stage, {}).get(kind, []):
+                if Path(entry["path"]) == Path(path):
+                    return entry.get("md5")
+            return None
+
+        tags["data.raw_md5"] = md5("clean", "deps", paths.raw_dir) or "unknown"
+        tags["data.validated_md5"] = md5("validate", "outs", paths.validated) or "unknown"
+    if paths.split_report.is_file():
+        rows = json.loads(paths.split_report.read_text())["rows"]
+        tags.update({f"data.rows.{name}": str(n) for name, n in rows.items()})
+    return tags
+
+
+def start_training_run(params: Params, resume_run_id: str | None) -> str:
+    """Open (or, after an interrupted run, reopen) the MLflow run of this training; returns its id."""
+    import mlflow
+
+    exp = experiment_id(params.paths, params.mlflow)
+    if resume_run_id:
+        try:
+            mlflow.get_run(resume_run_id)
+            mlflow.start_run(run_id=resume_run_id)
+            return resume_run_id
+        except mlflow.exceptions.MlflowException:
+            pass  # the store was reset since: start afresh
+    run = mlflow.start_run(experiment_id=exp, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
+    flat = flatten(params.model_dump(mode="json", by_alias=True))
+    items = list(flat.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+        mlflow.log_params(dict(items[start:start + 100]))
+    mlflow.set_tags({**git_tags(), **data_tags(params.paths), "pipeline.stage": "train",
+                     "model.base": params.model.name})
+    return run.info.run_id
+
+
+def log_history(run_id: str, log_history: list[dict]) -> int:
+    """Per-step training loss and per-epoch validation metrics as metric history; returns the number logged."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    names = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+             "eval_loss": "val_loss", "eval_accuracy": "val_accuracy", "eval_macro_f1": "val_macro_f1"}
+    metrics = [
+        Metric(names[key], float(entry[key]), now, int(entry["step"]))
+        for entry in log_history
+        for key in names
+        if key in entry and entry[key] is not None
+    ]
+    client = MlflowClient()
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    return len(metrics)
+
+
+def flat_test_metrics(metrics: dict) -> dict[str, float]:
+    """The metrics.json dict as flat MLflow metric names: test_accuracy, test_macro_f1, test_f1_<class>, ..."""
+    flat = {"test_accuracy": metrics["accuracy"]}
+    for average in ("macro", "weighted"):
+        for name, value in metrics[average].items():
+            flat[f"test_{average}_{name}"] = value
+    for label, scores in metrics["per_class"].items():
+        for name in ("precision", "recall", "f1"):
+            flat[f"test_{name}_{label}"] = scores[name]
+    return flat
+
+
+def promotion_decision(new_value: float, champion_value: float | None, champion_version: str | None,
+                       settings: Mlflow) -> tuple[str, str]:
+    """(alias, reason) for a new version; pure, so that the gate is tested without a registry."""
+    metric = settings.promotion_metric
+    if champion_value is None:
+        return CHAMPION, f"no champion yet; {metric} = {new_value:.4f}"
+    needed = champion_value + settings.promotion_margin
+    if new_value >= needed:
+        return CHAMPION, (f"{metric} {new_value:.4f} >= champion v{champion_version}'s {champion_value:.4f} "
+                          f"+ margin {settings.promotion_margin}")
+    return CHALLENGER, (f"{metric} {new_value:.4f} < champion v{champion_version}'s {champion_value:.4f} "
+                        f"+ margin {settings.promotion_margin}; champion stays v{champion_version}")
+
+
+def promote(run_id: str, version: str, settings: Mlflow) -> dict:
+    """Apply the promotion gate to a registered version and record the decision on the run and the version."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name = settings.registered_model
+    new_value = client.get_run(run_id).data.metrics.get(settings.promotion_metric)
+    if new_value is None:
+        raise ValueError(f"mlflow.promotion_metric {settings.promotion_metric!r} was not logged on run {run_id}")
+    champion_value = champion_version = None
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+        if str(champion.version) != str(version):
+            champion_version = str(champion.version)
+            champion_value = client.get_run(champion.run_id).data.metrics.get(settings.promotion_metric)
+    except mlflow.exceptions.MlflowException:
+        pass  # no champion yet
+    alias, reason = promotion_decision(new_value, champion_value, champion_version, settings)
+    version = str(version)
+    client.set_registered_model_alias(name, alias, version)
+    decision = {"model": name, "version": version, "alias": alias, "reason": reason,
+                "metric": settings.promotion_metric, "value": new_value, "champion_before": champion_version}
+    client.set_model_version_tag(name, version, "promotion.decision", alias)
+    client.set_model_version_tag(name, version, "promotion.reason", reason)
+    client.set_tag(run_id, "promotion.decision", alias)
+    client.set_tag(run_id, "promotion.reason", reason)
+    client.set_tag(run_id, "registry.version", version)
+    return decision
+
+
+def registered_version_of(run_id: str, settings: Mlflow) -> str | None:
+    """The version already registered from this run (evaluate ran again without a new training), if any."""
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name='{settings.registered_model}' and run_id='{run_id}'")
+    found = max((int(v.version) for v in versions), default=None)
+    return None if found is None else str(found)
