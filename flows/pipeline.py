@@ -52,7 +52,7 @@ def stage_order(root: Path) -> list[str]:
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return [stage.addressing for stage in reversed(list(nx.topological_sort(graph)))]
+        return [stage.name for stage in reversed(list(nx.topological_sort(graph)))]
 
 
 def dvc_env() -> dict[str, str]:

@@ -1,0 +1,119 @@
+"""Prefect flows under a test harness: DVC's stage order, skipped and failed stages, the watch flow and the lock."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.pipeline import SKIPPED, acquire, pipeline_flow, raw_fingerprint, stage_order, watch_flow
+from tests.conftest import ROOT, make_project, synthetic_rows, write_csv
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api(tmp_path_factory):
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    # The first start migrates a fresh SQLite database: give it time on a slow machine.
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """{task run name: state name} for the task runs of a finished flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def fetch():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100)
+            return {run.name: run.state.name for run in runs}
+
+    import asyncio
+
+    return asyncio.run(fetch())
+
+
+def test_stage_order_comes_from_dvc_not_from_the_file_order(tmp_path):
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    spec["stages"] = dict(reversed(list(spec["stages"].items())))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+    assert list(spec["stages"])[0] == "evaluate"
+    assert stage_order(tmp_path) == ["clean", "validate", "split", "tokenize", "train", "evaluate"]
+
+
+def test_raw_fingerprint_sees_content_not_mtime(tmp_path):
+    write_csv(tmp_path / "a.csv", synthetic_rows(2))
+    first = raw_fingerprint(tmp_path)
+    (tmp_path / "a.csv").touch()
+    (tmp_path / ".hidden").write_text("ignored")
+    assert raw_fingerprint(tmp_path) == first
+    write_csv(tmp_path / "sub" / "b.csv", synthetic_rows(1))
+    assert raw_fingerprint(tmp_path)["files"] == 2 != first["files"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_bert) -> Path:
+    return make_project(tmp_path_factory.mktemp("flow-project"), tiny_bert)
+
+
+def test_watch_flow_runs_once_then_skips_then_runs_on_a_new_file(project):
+    first = watch_flow(root=str(project), return_state=True)
+    assert first.is_completed() and first.name != SKIPPED
+    assert set(task_states(first).values()) == {"Completed"}
+    state = json.loads((project / "reports/watch_state.json").read_text())
+    assert state["files"] == 1 and set(state["stages"]) == {"clean", "validate", "split", "tokenize", "train",
+                                                              "evaluate"}
+    run_id = json.loads((project / "reports/mlflow_run.json").read_text())["run_id"]
+
+    again = watch_flow(root=str(project), return_state=True)
+    assert again.name == SKIPPED and "no new or changed annotations" in again.message
+
+    write_csv(project / "data/raw/batch2.csv", synthetic_rows(6, seed=42, prefix="new"))
+    third = watch_flow(root=str(project), return_state=True)
+    assert third.is_completed() and third.name != SKIPPED
+    assert third.result()["stages"]["clean"] == "ran"
+    assert json.loads((project / "reports/mlflow_run.json").read_text())["run_id"] != run_id
+    assert json.loads((project / "reports/promotion.json").read_text())["version"] == "2"
+
+
+def test_pipeline_flow_shows_up_to_date_stages_as_skipped(project):
+    state = pipeline_flow(root=str(project), return_state=True)
+    assert state.is_completed()
+    assert state.result() == {stage: SKIPPED for stage in
+                              ["clean", "validate", "split", "tokenize", "train", "evaluate"]}
+    assert set(task_states(state).values()) == {SKIPPED}
+
+
+def test_a_second_run_while_one_holds_the_lock_is_skipped_with_a_reason(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    held = acquire(project / params["paths"]["pipeline_lock"], 0)
+    try:
+        state = pipeline_flow(root=str(project), lock_timeout_s=0.5, return_state=True)
+    finally:
+        held.release()
+    assert state.name == SKIPPED and "another pipeline run holds" in state.message
+    assert task_states(state) == {}
+
+
+def test_a_failing_stage_fails_the_flow_with_its_message(tmp_path, tiny_bert):
+    rows = [r for r in synthetic_rows(30, seed=5) if r["label"] != "tech"] + \
+           [r for r in synthetic_rows(30, seed=5) if r["label"] == "tech"][:3]
+    root = make_project(tmp_path, tiny_bert, rows)
+    state = pipeline_flow(root=str(root), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="class 'tech' has 3 rows"):
+        state.result()
+    tasks = task_states(state)
+    assert tasks["clean"] == "Completed" and tasks["validate"] == "Failed"
+    assert "train" not in tasks and "evaluate" not in tasks
