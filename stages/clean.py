@@ -32,6 +32,8 @@ CLEAN_COLUMNS = ["source_file", "line", "id", "text", "text_raw", "label", "anno
 
 # A tag starts with a letter, "/" or "!" right after "<", so "a < b" and "x<3" survive.
 _TAG = re.compile(r"<[/!]?[A-Za-z][^<>]{0,2000}>|<!--.*?-->", re.DOTALL)
+# Script and style elements go with their content: it is code, never part of the text.
+_SCRIPT = re.compile(r"<(script|style)\b[^<>]{0,2000}>.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
 _ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
 # Control characters become spaces (a tab or newline separates words), zero-width ones vanish.
 _STRIP_TABLE = {
@@ -45,7 +47,8 @@ _PUNCTUATION = None
 
 def normalize_text(text: str, lowercase: bool = False, remove_punctuation: bool = False) -> str:
     """The cleaned form of one text; idempotent."""
-    text = _TAG.sub(" ", text)
+    if "<" in text:
+        text = _TAG.sub(" ", _SCRIPT.sub(" ", text))
     text = html.unescape(text)
     text = unicodedata.normalize("NFKC", text)
     text = text.translate(_STRIP_TABLE)
@@ -168,6 +171,9 @@ def run(paths: Paths, options: Clean) -> dict:
     write_frame(paths.clean_rejected, rejected)
     write_json(paths.clean_report, report)
     t = report["totals"]
+    for name, entry in report["files"].items():
+        if entry["rows_read"] == 0:
+            print(f"clean: warning: {name} has no rows (an empty file, or a header only)")
     print(f"clean: {t['rows_read']} rows read from {t['files']} files, {t['kept']} kept, rejected {t['rejected']}, "
           f"{t['decoded_with_fallback']} decoded with {options.fallback_encoding}")
     return report

@@ -67,8 +67,11 @@ def read_file(path: Path, columns: Columns, fallback: str | None) -> FileRead:
     fmt = file_format(path)
     if fmt in ("csv", "tsv", "jsonl", "json"):
         data = path.read_bytes()
-        if b"\x00" in data[:65536]:
-            raise StageError(f"{path}: contains NUL bytes, so it is not a {fmt.upper()} text file (binary or UTF-16?)")
+        nul = data.find(b"\x00", 0, 65536)
+        if nul >= 0:
+            line = data.count(b"\n", 0, nul) + 1
+            raise StageError(f"{path}: contains NUL bytes (the first at line {line}, byte {nul}), so it is not a "
+                             f"{fmt.upper()} text file (binary or UTF-16?)")
         if fmt == "json":
             return read_json_array(path, data, columns, fallback)
         if fmt == "jsonl":
@@ -115,12 +118,12 @@ def _row_values(get, columns: Columns) -> dict:
     }
 
 
-def _require_columns(path: Path, found: list[str], columns: Columns, kind: str = "column") -> None:
+def _require_columns(path: Path, found: list[str], columns: Columns, kind: str = "column", where: str = "") -> None:
     missing = [name for name in (columns.text, columns.label) if name not in found]
     if missing:
         raise StageError(
-            f"{path}: no {kind} {', '.join(map(repr, missing))} (found: {', '.join(map(repr, found)) or 'none'}); "
-            f"rename it in the file or set clean.columns in params.yaml"
+            f"{path}: no {kind} {', '.join(map(repr, missing))} (found: {', '.join(map(repr, found)) or 'none'})"
+            f"{where}; rename it in the file or set clean.columns in params.yaml"
         )
 
 
@@ -135,7 +138,7 @@ def read_delimited(path: Path, data: bytes, columns: Columns, fallback: str | No
         return result
     header = next(csv.reader(lines[:1], delimiter=delimiter))
     header = [name.strip() for name in header]
-    _require_columns(path, header, columns)
+    _require_columns(path, header, columns, where=" in the header, line 1")
     index = {name: i for i, name in enumerate(header)}
 
     start = 1  # 0-based index into `lines` where the current reader starts
