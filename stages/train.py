@@ -159,22 +159,22 @@ def run(paths: Paths, model: Model, options: Train, track: Params | None = None)
         run_id = tracking.start_training_run(track, id_file.read_text().strip() if resume and id_file.is_file() else None)
         id_file.write_text(run_id)
 
-    trainer = Trainer(
-        model=classifier,
-        args=training_arguments(paths, options, device),
-        train_dataset=dataset["train"],
-        eval_dataset=dataset["validation"],
-        processing_class=tokenizer,
-        # Pad each batch to its longest row; multiples of 8 suit tensor cores and cost nothing on a CPU.
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None),
-        compute_metrics=classification_metrics,
-        callbacks=[mid_epoch_checkpoints(options.save_every_steps)],
-    )
-    started = time.perf_counter()
     try:
+        trainer = Trainer(
+            model=classifier,
+            args=training_arguments(paths, options, device),
+            train_dataset=dataset["train"],
+            eval_dataset=dataset["validation"],
+            processing_class=tokenizer,
+            # Pad each batch to its longest row; multiples of 8 suit tensor cores and cost nothing on a CPU.
+            data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None),
+            compute_metrics=classification_metrics,
+            callbacks=[mid_epoch_checkpoints(options.save_every_steps)],
+        )
+        started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume)
     except BaseException:
-        if run_id:
+        if run_id:  # a killed process leaves the run RUNNING instead, and the resumed run continues it
             import mlflow
 
             mlflow.end_run(status="FAILED")
