@@ -109,7 +109,8 @@ def log_model(paths: Paths, params: Params):
         code_paths=[str(here)],  # the stages package: serving.py cleans texts with stages.clean
         model_config={"max_length": params.tokenize.max_length, "batch_size": params.evaluate.batch_size,
                       "lowercase": params.clean.lowercase, "remove_punctuation": params.clean.remove_punctuation},
-        signature=ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+        # One unnamed string column: a list of texts, a Series, or a one-column DataFrame (any name) all fit.
+        signature=ModelSignature(inputs=Schema([ColSpec("string")]),
                                  outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")])),
         # Listed, not inferred: inference would load the model once more in a subprocess.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",

@@ -7,7 +7,8 @@
     # 0       business  0.98...
     # 1          sport  0.99...
 
-Input: a list of strings, a pandas Series, or a DataFrame with a `text` column (else its first column). Texts get the
+Input: a list of strings, a pandas Series, or a one-column DataFrame (the signature is one unnamed string column;
+over REST: {"inputs": ["text", ...]} or {"dataframe_records": [{"text": "..."}]}). Texts get the
 same cleaning as training data (stages.clean.normalize_text, shipped with the model) and the same truncation.
 Output: a DataFrame with `label` and `score` (the probability of that label).
 """

@@ -116,6 +116,8 @@ def test_pyfunc_predicts_the_evaluated_labels_from_raw_texts(tracked):
     assert list(out.columns) == ["label", "score"]
     assert out["label"].tolist() == expected
     assert out["score"].between(0, 1).all()
+    as_list = model.predict(test["text"].head(3).tolist())
+    assert as_list["label"].tolist() == expected[:3]
     # Raw text with markup is cleaned as the training data was: same answer as its clean form.
     raw = model.predict(pd.DataFrame({"text": [f"<p>{test['text'].iloc[0]}</p>"]}))
     assert raw["label"].iloc[0] == expected[0]
@@ -187,5 +189,7 @@ def test_model_server_answers_a_post_of_texts(tracked):
         answer = post(f"http://127.0.0.1:{port}/invocations",
                       {"dataframe_records": [{"text": t} for t in test["text"]]})
         assert [p["label"] for p in answer["predictions"]] == expected
+        plain = post(f"http://127.0.0.1:{port}/invocations", {"inputs": test["text"].tolist()})
+        assert [p["label"] for p in plain["predictions"]] == expected
     finally:
         stop(server)
