@@ -38,6 +38,12 @@ $(STAMP): pyproject.toml constraints.txt
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
+# Benchmarks against the seed recipe, HF Trainer and a bare loop (about 25 minutes on 2 cores; QUICK=1 for a smoke
+# run); writes bench/results/*.json and bench/results/README.md.
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
+
 # Services, all bound to 127.0.0.1 (see flows/serve.py):
 serve: $(STAMP)        ## Prefect server + the watch flow's deployment on the cron of params.yaml (UI :4200)
 	$(BIN)/python -m flows.serve schedule

