@@ -117,3 +117,36 @@ def test_a_failing_stage_fails_the_flow_with_its_message(tmp_path, tiny_bert):
     tasks = task_states(state)
     assert tasks["clean"] == "Completed" and tasks["validate"] == "Failed"
     assert "train" not in tasks and "evaluate" not in tasks
+
+
+def test_the_cron_of_params_yaml_schedules_runs_of_the_deployment():
+    """The server path that puts scheduled runs in the database (it broke with SQLAlchemy 2.1)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from stages.params import load
+
+    cron = load(ROOT / "params.yaml").watch.cron
+
+    async def scheduled_runs():
+        async with get_client() as client:
+            flow_id = await client.create_flow_from_name("watch-annotations")
+            deployment = await client.create_deployment(
+                flow_id=flow_id, name="watch-annotations", entrypoint="flows/pipeline.py:watch_flow",
+                schedules=[DeploymentScheduleCreate(schedule=CronSchedule(cron=cron), active=True)])
+            response = await client._client.post(f"/deployments/{deployment}/schedule", json={})
+            response.raise_for_status()
+            return await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment])),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=50)
+
+    runs = asyncio.run(scheduled_runs())
+    assert len(runs) >= 2
+    assert {run.state.name for run in runs} == {"Scheduled"}
+    gaps = {(b.expected_start_time - a.expected_start_time).total_seconds() for a, b in zip(runs, runs[1:])}
+    assert gaps == {600.0}  # watch.cron is every 10 minutes
