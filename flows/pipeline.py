@@ -27,11 +27,17 @@ import time
 from collections import deque
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed
+# Before Prefect reads its settings: no telemetry, and time for a temporary API server to start on a busy machine
+# (the default 20 s is not always enough on 2 cores).
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from stages.params import Params, load
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.states import Completed  # noqa: E402
+
+from stages.params import Params, load  # noqa: E402
 
 SKIPPED = "Skipped"
 _UNCHANGED = re.compile(r"Stage '[^']+' didn't change, skipping")

@@ -150,3 +150,34 @@ def test_the_cron_of_params_yaml_schedules_runs_of_the_deployment():
     assert {run.state.name for run in runs} == {"Scheduled"}
     gaps = {(b.expected_start_time - a.expected_start_time).total_seconds() for a, b in zip(runs, runs[1:])}
     assert gaps == {600.0}  # watch.cron is every 10 minutes
+
+
+@pytest.mark.slow
+def test_two_pipeline_runs_started_at_once(tmp_path, tiny_bert):
+    """One runs the pipeline, the other is refused with a clear message; one MLflow run, a consistent dvc.lock."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    root = make_project(tmp_path, tiny_bert)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    command = [sys.executable, "-m", "flows.pipeline", "--root", str(root)]
+    # Each process starts its own temporary Prefect API: separate homes, so only the pipeline lock is shared.
+    runs = [subprocess.Popen(command, cwd=ROOT, env={**env, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    refused = [out for out in outputs if "another pipeline run holds" in out]
+    ran = [out for out in outputs if "done: ran ['clean'" in out]
+    assert len(refused) == 1 and len(ran) == 1, outputs
+    assert "Running stage" not in refused[0]
+
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True,
+                            env={**env, "DVC_NO_ANALYTICS": "1"})
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sft-pipeline")
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+    assert len(client.search_model_versions("name='sft-classifier'")) == 1
