@@ -2,7 +2,7 @@
 
     python -m stages.summary [--params params.yaml]
 
-Not a DVC stage: it only reads paths.metrics, paths.train_report, paths.validate_report.
+Not a DVC stage: it only reads paths.metrics, paths.train_report, paths.validate_report, paths.promotion.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Training: {train['global_steps']} steps in {train['runtime_s']} s on {train['device']}, "
               f"best validation macro-F1 {train['best_validation_macro_f1']} (epoch {train['best_epoch']})")
         print(f"Model:    {paths.model_dir}/ (safetensors + tokenizer)")
+        if paths.promotion.is_file():
+            promotion = read_json(paths.promotion)
+            print(f"MLflow:   run {promotion['run_id']}, {promotion['model']} v{promotion['version']} is "
+                  f"{promotion['alias']} ({promotion['reason']}); `make ui` to compare runs")
         print(f"Reports:  {paths.validate_summary}, {paths.evaluation}, {paths.clean_rejected.parent}/")
         print("Compare:  dvc metrics show | dvc params diff | dvc plots show")
 

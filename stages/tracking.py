@@ -64,7 +64,8 @@ def git_tags(root: Path = Path(".")) -> dict[str, str]:
             return None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # dvc.lock changes during every repro: it says what ran, not that the code or params differ from the commit.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
     return {"git.commit": commit or "unknown", "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
 
 
