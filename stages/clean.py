@@ -14,7 +14,6 @@ their normalised text, label and annotator are equal (rows by different annotato
 
 from __future__ import annotations
 
-import argparse
 import html
 import re
 import sys
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.io import REJECTED_COLUMNS, StageError, run_main, write_frame, write_json
-from stages.params import Clean, Paths, add_params_argument, load
+from stages.io import REJECTED_COLUMNS, StageError, stage_main, write_frame, write_json
+from stages.params import Clean, Paths
 from stages.readers import FORMATS, FileRead, read_file
 
 DUPLICATE = "duplicate"
@@ -180,15 +179,7 @@ def run(paths: Paths, options: Clean) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_params_argument(parser)
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        params = load(args.params)
-        run(params.paths, params.clean)
-
-    return run_main(body)
+    return stage_main(argv, __doc__, lambda params: run(params.paths, params.clean))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,14 @@ registers under mlflow.registered_model; the promotion gate in stages/tracking.p
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 import pandas as pd
 
-from stages.io import StageError, read_json, run_main, write_frame, write_json
+from stages.io import StageError, read_json, stage_main, write_frame, write_json
 from stages.modeling import load_classifier, load_tokenizer, pick_device
-from stages.params import Evaluate, Model, Params, Paths, add_params_argument, load
+from stages.params import Evaluate, Model, Params, Paths
 
 
 def classification_summary(actual: list[str], predicted: list[str], labels: list[str]) -> dict:
@@ -182,15 +181,7 @@ def run(paths: Paths, model: Model, options: Evaluate, track: Params | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_params_argument(parser)
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        params = load(args.params)
-        run(params.paths, params.model, params.evaluate, track=params)
-
-    return run_main(body)
+    return stage_main(argv, __doc__, lambda params: run(params.paths, params.model, params.evaluate, track=params))
 
 
 if __name__ == "__main__":

@@ -98,3 +98,15 @@ def run_main(run: Callable[[], Any]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def stage_main(argv: list[str] | None, doc: str, call: Callable[[Any], Any]) -> int:
+    """The `main` of every stage: parse `--params`, load it, `call(params)`, map user errors to exit status 1."""
+    import argparse
+
+    from stages.params import add_params_argument, load
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_params_argument(parser)
+    args = parser.parse_args(argv)
+    return run_main(lambda: call(load(args.params)))

@@ -12,7 +12,6 @@ configured, and counted as such; otherwise it is rejected as ``undecodable``.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 import sys

@@ -15,15 +15,14 @@ and the stage fails if a class would miss a split entirely.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 
 import numpy as np
 import pandas as pd
 
-from stages.io import StageError, atomic_path, run_main, write_json
-from stages.params import Paths, Split, add_params_argument, load
+from stages.io import StageError, atomic_path, stage_main, write_json
+from stages.params import Paths, Split
 
 
 def split_key(text: str) -> str:
@@ -78,15 +77,7 @@ def run(paths: Paths, options: Split) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_params_argument(parser)
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        params = load(args.params)
-        run(params.paths, params.split)
-
-    return run_main(body)
+    return stage_main(argv, __doc__, lambda params: run(params.paths, params.split))
 
 
 if __name__ == "__main__":

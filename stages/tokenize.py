@@ -13,7 +13,6 @@ Batches are padded later, at train time, to the longest row of each batch.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -21,9 +20,9 @@ import sys
 import numpy as np
 import pandas as pd
 
-from stages.io import atomic_path, run_main, write_json
+from stages.io import atomic_path, stage_main, write_json
 from stages.modeling import fingerprint, load_tokenizer
-from stages.params import Model, Paths, Tokenize, add_params_argument, load
+from stages.params import Model, Paths, Tokenize
 
 SPLITS = ("train", "validation", "test")
 PERCENTILES = (50, 90, 95, 99)
@@ -177,15 +176,7 @@ def run(paths: Paths, model: Model, options: Tokenize) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_params_argument(parser)
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        params = load(args.params)
-        run(params.paths, params.model, params.tokenize)
-
-    return run_main(body)
+    return stage_main(argv, __doc__, lambda params: run(params.paths, params.model, params.tokenize))
 
 
 if __name__ == "__main__":

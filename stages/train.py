@@ -20,7 +20,6 @@ run continues the MLflow run of the interrupted one, so one training is one MLfl
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -30,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.io import StageError, atomic_path, read_json, run_main, write_frame, write_json
+from stages.io import StageError, atomic_path, read_json, stage_main, write_frame, write_json
 from stages.modeling import fingerprint, load_classifier, load_tokenizer, pick_device
-from stages.params import Model, Params, Paths, Train, add_params_argument, load
+from stages.params import Model, Params, Paths, Train
 
 FINGERPRINT_FILE = "fingerprint.json"
 RUN_ID_FILE = "mlflow_run_id"
@@ -224,15 +223,7 @@ def run(paths: Paths, model: Model, options: Train, track: Params | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_params_argument(parser)
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        params = load(args.params)
-        run(params.paths, params.model, params.train, track=params)
-
-    return run_main(body)
+    return stage_main(argv, __doc__, lambda params: run(params.paths, params.model, params.train, track=params))
 
 
 if __name__ == "__main__":

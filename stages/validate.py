@@ -15,7 +15,6 @@ message and `reports/validation.md` say which class, file and counts.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import unicodedata
@@ -23,8 +22,8 @@ from collections import Counter
 
 import pandas as pd
 
-from stages.io import REJECTED_COLUMNS, StageError, read_json, run_main, write_frame, write_json, write_text
-from stages.params import Paths, Validate, add_params_argument, load
+from stages.io import REJECTED_COLUMNS, StageError, read_json, stage_main, write_frame, write_json, write_text
+from stages.params import Paths, Validate
 
 # Reasons that say nothing bad about the data: the row's information lives on in a kept row.
 NOT_QUALITY = {"duplicate", "merged_vote"}
@@ -314,15 +313,7 @@ def run(paths: Paths, options: Validate) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_params_argument(parser)
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        params = load(args.params)
-        run(params.paths, params.validate_)
-
-    return run_main(body)
+    return stage_main(argv, __doc__, lambda params: run(params.paths, params.validate_))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.params import load
 from tests.conftest import ROOT, make_project, synthetic_rows, write_csv
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -59,8 +58,8 @@ def test_each_stage_declares_its_code_params_and_paths(stage):
 
 
 def test_heavy_libraries_stay_out_of_the_data_stages():
-    code = f"import sys; import stages.clean, stages.validate, stages.split; print(sorted(m for m in ('torch', " \
-           f"'transformers', 'mlflow', 'datasets') if m in sys.modules))"
+    code = "import sys; import stages.clean, stages.validate, stages.split; print(sorted(m for m in ('torch', " \
+           "'transformers', 'mlflow', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
