@@ -59,8 +59,12 @@ def run_fingerprint(model: Model, options: Train, tokenized_dir: Path) -> dict:
 
 
 def prepare_checkpoints(checkpoints_dir: Path, current: dict) -> str | None:
-    """The checkpoint to resume from, if any; stale checkpoints (other params or data) are removed."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint to resume from, if any; stale checkpoints (other params or data) are removed.
+
+    The Trainer writes trainer_state.json last, so a checkpoint folder without it was cut short by a kill: it is
+    removed, and the newest complete one is resumed.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     marker = checkpoints_dir / FINGERPRINT_FILE
     if checkpoints_dir.is_dir():
@@ -69,7 +73,17 @@ def prepare_checkpoints(checkpoints_dir: Path, current: dict) -> str | None:
             shutil.rmtree(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, current)
-    return get_last_checkpoint(str(checkpoints_dir))
+    complete = []
+    for folder in checkpoints_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        if not folder.name.rsplit("-", 1)[1].isdigit():
+            continue
+        if (folder / "trainer_state.json").is_file():
+            complete.append(folder)
+        else:
+            shutil.rmtree(folder)
+    if not complete:
+        return None
+    return str(max(complete, key=lambda f: int(f.name.rsplit("-", 1)[1])))
 
 
 def history_frames(log_history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
