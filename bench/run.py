@@ -79,7 +79,7 @@ def write_readme(results: Path) -> None:
                   f"- {any_info['os']}, Python {any_info['python']}",
                   f"- torch {any_info['torch']} ({any_info['torch_threads']} threads), transformers "
                   f"{any_info['transformers']}, tokenizers {any_info['tokenizers']}, datasets {any_info['datasets']}, "
-                  f"pandas {any_info['pandas']}, pyarrow {any_info['pyarrow']}, {any_info['dvc'] or 'dvc'}",
+                  f"pandas {any_info['pandas']}, pyarrow {any_info['pyarrow']}, dvc {any_info['dvc']}",
                   f"- Run: {any_info['date']}; load average at start {any_info['load_average_at_start']} "
                   "(the machine is shared)", ""]
     if "train" in found:

@@ -20,6 +20,7 @@ macro-F1 is computed the same way for every contender, after the last step.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -150,6 +151,9 @@ def run_ours(params, steps: int, work: Path) -> dict:
     from stages.io import read_json
 
     data = load_from_disk(str(params.paths.tokenized_dir / "data"))
+    # A cold start every time: with the checkpoints of an earlier repeat, the stage would resume from them.
+    for folder in (params.paths.checkpoints_dir, params.paths.model_dir):
+        shutil.rmtree(folder, ignore_errors=True)
     per_epoch = math.ceil(len(data["train"]) / BATCH)
     # Half a step short of `steps`: the Trainer rounds the step count up, and float error must not add one.
     options = params.train.model_copy(update={"epochs": (steps - 0.5) / per_epoch, "batch_size": BATCH,
