@@ -32,11 +32,30 @@ def tracking_uri(paths: Paths) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(paths.mlflow_db).resolve()}"
 
 
+def use_store(paths: Paths) -> str:
+    """Point this process's MLflow client at the project's store; returns its URI.
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI to os.environ, where it would outlive this project: a
+    later call for another project (tests, flows) and every child process would take it for the user's choice. The
+    environment is put back as it was.
+    """
+    import mlflow
+
+    uri = tracking_uri(paths)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    return uri
+
+
 def experiment_id(paths: Paths, settings: Mlflow) -> str:
     """Point MLflow at the project's store and return the experiment's id, creating it with local artifacts."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(paths))
+    use_store(paths)
     found = mlflow.get_experiment_by_name(settings.experiment)
     if found is not None:
         return found.experiment_id

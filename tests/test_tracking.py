@@ -14,8 +14,20 @@ from mlflow.tracking import MlflowClient
 
 from stages import evaluate, tokenize, train
 from stages.params import Mlflow
-from stages.tracking import CHALLENGER, CHAMPION, flatten, promote, promotion_decision, tracking_uri
+from stages.tracking import CHALLENGER, CHAMPION, flatten, promote, promotion_decision, use_store
 from tests.conftest import prepared_project
+
+
+def test_the_store_choice_does_not_leak_into_the_environment(tmp_path):
+    import os
+
+    from stages.params import parse
+    from tests.conftest import project_params
+
+    paths = parse(project_params(tmp_path)).paths
+    assert use_store(paths) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def test_flatten_params():
@@ -41,8 +53,7 @@ def tracked(tmp_path_factory, tiny_bert):
     params, params_file = prepared_project(tmp, tiny_bert, train__epochs=3)
     for stage in (tokenize, train, evaluate):
         assert stage.main(["--params", str(params_file)]) == 0
-    uri = tracking_uri(params.paths)
-    mlflow.set_tracking_uri(uri)
+    uri = use_store(params.paths)
     run_id = json.loads(params.paths.mlflow_run.read_text())["run_id"]
     return params, MlflowClient(uri), run_id, uri
 
