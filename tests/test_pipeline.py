@@ -127,7 +127,6 @@ def test_second_repro_does_nothing_and_dvc_views_work(project):
     assert ran_stages(again.stdout) == []
     metrics = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     assert "accuracy" in json.dumps(metrics)
-    dvc(root, "params", "diff")
     plots = dvc(root, "plots", "show", "-o", str(root / "plots_out"))
     assert (root / "plots_out" / "index.html").is_file(), plots.stdout
 
@@ -135,13 +134,20 @@ def test_second_repro_does_nothing_and_dvc_views_work(project):
 @pytest.mark.e2e
 def test_train_param_change_reruns_train_and_evaluate_only(project):
     root, _ = project
+    # `dvc params diff` compares with the last commit: commit the params first, as a user would.
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "add", "params.yaml", "dvc.yaml"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=root, check=True)
     params = yaml.safe_load((root / "params.yaml").read_text())
+    old_rate = params["train"]["learning_rate"]
     params["train"]["learning_rate"] = 4e-3
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = dvc(root, "repro")
     assert ran_stages(result.stdout) == ["train", "evaluate"]
-    diff = dvc(root, "params", "diff", "--json")
-    assert diff.returncode == 0
+    diff = json.loads(dvc(root, "params", "diff", "--json").stdout)
+    assert list(diff["params.yaml"]) == ["train.learning_rate"]
+    assert diff["params.yaml"]["train.learning_rate"]["old"] == old_rate
+    assert diff["params.yaml"]["train.learning_rate"]["new"] == 4e-3
 
 
 @pytest.mark.e2e
