@@ -80,7 +80,7 @@ def minilm_dir() -> Path:
 def project_params(work: Path, model: Path | str, **sections) -> dict:
     """The project's params.yaml with every path moved under `work`; `sections` update keys section by section."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["paths"] = {key: str(work / value) for key, value in raw["paths"].items()}
+    raw["paths"] = {key: None if value is None else str(work / value) for key, value in raw["paths"].items()}
     raw["model"]["name"] = str(model)
     for section, values in sections.items():
         raw[section].update(values)

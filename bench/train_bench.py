@@ -4,7 +4,8 @@
 
 Two tasks from BBC News with the default MiniLM: the articles at max_length 256, and the headlines (the first line of
 each article) at the default max_length 64. Each contender starts from the same weights (seed 42) and takes the same
-number of optimizer steps at batch size 32 with the same optimizer settings (params.yaml `train`):
+number of optimizer steps at batch size 32 with the same optimizer settings (params.yaml `train`). Each repeat uses
+its own seed (42, 43, ...) for every contender: the weights of the new head, dropout and the batch order:
 
   ours       stages.train.run on data written by stages.tokenize (dynamic padding, batches grouped by length)
   seed       the seed recipe: HF Trainer on texts tokenized with padding='max_length', random batches
@@ -13,8 +14,11 @@ number of optimizer steps at batch size 32 with the same optimizer settings (par
              collated (padded) before the clock starts: the limit for this model on this machine
 
 Time is the wall time of the optimizer steps: from the trainer's `on_train_begin` to the last `on_step_end`, less
-the pauses in which our stage evaluates and checkpoints at an epoch end (reported apart as `pauses_s`). Validation
-macro-F1 is computed the same way for every contender, after the last step.
+the pauses in which our stage evaluates and checkpoints at an epoch end (reported apart as `pauses_s`); a contender's
+throughput is its fastest repeat. Before the first contender of a task, a few untimed steps warm the process up
+(kernel selection, the allocator): without them, whichever contender ran first was 10-15% slower. Validation
+macro-F1 is computed the same way for every contender, after the last step, and averaged over the repeats (seeds):
+one seed's F1 moves by more than a point with the batch order alone.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from bench.common import minilm_dir, project_params, ratio, write_params
 
 BATCH = 32
 SEED = 42
-TASKS = {  # task: (max_length, optimizer steps in a full run, in a quick run)
-    "headlines": (64, 80, 24),
-    "articles": (256, 5, 3),
+TASKS = {  # task: (max_length, optimizer steps in a full run, in a quick run, repeats (seeds) in a full run)
+    "headlines": (64, 80, 24, 3),
+    "articles": (256, 8, 3, 2),
 }
+WARMUP_STEPS = 3
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -82,6 +87,8 @@ def step_timer():
             self.start = self.last = self.pause_start = None
             self.steps = 0
             self.pending = self.pauses = 0.0
+            self.step_s: list[float] = []  # each optimizer step, from its on_step_begin to its on_step_end
+            self.step_start = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
@@ -90,10 +97,13 @@ def step_timer():
             # A pause only counts when a step follows it; the final evaluation and save come after `last`.
             self.pauses += self.pending
             self.pending, self.pause_start = 0.0, None
+            self.step_start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.last = time.perf_counter()
             self.steps += 1
+            if self.step_start is not None:
+                self.step_s.append(self.last - self.step_start)
 
         def on_epoch_end(self, args, state, control, **kwargs):
             self.pause_start = time.perf_counter()
@@ -143,7 +153,7 @@ def val_macro_f1(model, dataset, pad_id: int) -> float:
 # ------------------------------------------------------------------------------------------------ contenders
 
 
-def run_ours(params, steps: int, work: Path) -> dict:
+def run_ours(params, steps: int, work: Path, seed: int = SEED) -> dict:
     """stages.train.run with an epoch count that gives exactly `steps` optimizer steps."""
     import stages.train as train_stage
     from datasets import load_from_disk
@@ -156,7 +166,7 @@ def run_ours(params, steps: int, work: Path) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
     per_epoch = math.ceil(len(data["train"]) / BATCH)
     # Half a step short of `steps`: the Trainer rounds the step count up, and float error must not add one.
-    options = params.train.model_copy(update={"epochs": (steps - 0.5) / per_epoch, "batch_size": BATCH,
+    options = params.train.model_copy(update={"epochs": (steps - 0.5) / per_epoch, "batch_size": BATCH, "seed": seed,
                                               "save_every_steps": 10**6, "device": "cpu", "precision": "fp32"})
     timer = step_timer()
     original = train_stage.mid_epoch_checkpoints
@@ -196,7 +206,7 @@ def run_ours(params, steps: int, work: Path) -> dict:
     model = load_classifier(params.paths.model_dir, params.model, labels, tokenizer.pad_token_id)
     f1 = val_macro_f1(model, data["validation"], tokenizer.pad_token_id)
     seconds = timer.last - timer.start - timer.pauses
-    return result("ours", seconds, steps, mean_length(data["train"]), f1, pauses_s=round(timer.pauses, 2),
+    return result("ours", seconds, steps, mean_length(data["train"]), f1, seed=seed, pauses_s=round(timer.pauses, 2),
                   stage_wall_s=round(wall, 1), stage_report_val_macro_f1=report["best_validation_macro_f1"])
 
 
@@ -204,29 +214,29 @@ def mean_length(dataset) -> float:
     return float(np.mean(dataset["length"]))
 
 
-def hf_arguments(work: Path, params, steps: int, sampling: str = "random"):
+def hf_arguments(work: Path, params, steps: int, sampling: str = "random", seed: int = SEED):
     from transformers import TrainingArguments
 
     t = params.train
     return TrainingArguments(
         output_dir=str(work), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=t.learning_rate,
         weight_decay=t.weight_decay, warmup_steps=t.warmup, lr_scheduler_type="linear", max_grad_norm=t.max_grad_norm,
-        optim="adamw_torch", eval_strategy="no", save_strategy="no", logging_strategy="no", seed=SEED,
-        data_seed=SEED, train_sampling_strategy=sampling, use_cpu=True, report_to="none", disable_tqdm=True,
+        optim="adamw_torch", eval_strategy="no", save_strategy="no", logging_strategy="no", seed=seed,
+        data_seed=seed, train_sampling_strategy=sampling, use_cpu=True, report_to="none", disable_tqdm=True,
         dataloader_num_workers=0,
     )
 
 
-def fresh_model(params, labels, pad_id):
+def fresh_model(params, labels, pad_id, seed: int = SEED):
     from transformers import set_seed
 
     from stages.modeling import load_classifier
 
-    set_seed(SEED)
+    set_seed(seed)
     return load_classifier(params.model.name, params.model, labels, pad_id)
 
 
-def run_hf(params, steps: int, work: Path, padding: str) -> dict:
+def run_hf(params, steps: int, work: Path, padding: str, seed: int = SEED) -> dict:
     """The seed recipe (padding='max_length') or HF Trainer with dynamic padding."""
     from datasets import Dataset, load_from_disk
     from transformers import DataCollatorWithPadding, Trainer, default_data_collator
@@ -250,16 +260,16 @@ def run_hf(params, steps: int, work: Path, padding: str) -> dict:
     else:
         train = data["train"].remove_columns(["length"])
         collator, name = DataCollatorWithPadding(tokenizer), "hf_dynamic"
-    model = fresh_model(params, labels, tokenizer.pad_token_id)
+    model = fresh_model(params, labels, tokenizer.pad_token_id, seed)
     timer = step_timer()
-    trainer = Trainer(model=model, args=hf_arguments(work / name, params, steps), train_dataset=train,
+    trainer = Trainer(model=model, args=hf_arguments(work / name, params, steps, seed=seed), train_dataset=train,
                       data_collator=collator, callbacks=[timer])
     trainer.train()
     f1 = val_macro_f1(trainer.model, data["validation"], tokenizer.pad_token_id)
-    return result(name, timer.last - timer.start, timer.steps, mean_length(data["train"]), f1)
+    return result(name, timer.last - timer.start, timer.steps, mean_length(data["train"]), f1, seed=seed)
 
 
-def run_bare(params, steps: int, work: Path) -> dict:
+def run_bare(params, steps: int, work: Path, seed: int = SEED, timed: bool = True) -> dict | None:
     """Forward, backward, clip, optimizer and scheduler step over pre-collated batches from our stage's sampler."""
     import torch
     from datasets import load_from_disk
@@ -271,9 +281,9 @@ def run_bare(params, steps: int, work: Path) -> dict:
     labels = read_json(params.paths.tokenized_dir / "label_map.json")["labels"]
     tokenizer = load_tokenizer(params.model.name, params.model)
     data = load_from_disk(str(params.paths.tokenized_dir / "data"))
-    model = fresh_model(params, labels, tokenizer.pad_token_id)
+    model = fresh_model(params, labels, tokenizer.pad_token_id, seed)
     sampling = "group_by_length" if params.train.group_by_length else "random"
-    loader = Trainer(model=model, args=hf_arguments(work / "bare", params, steps, sampling),
+    loader = Trainer(model=model, args=hf_arguments(work / "bare", params, steps, sampling, seed),
                      train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer)
                      ).get_train_dataloader()
     batches = []
@@ -300,10 +310,12 @@ def run_bare(params, steps: int, work: Path) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
+    if not timed:
+        return None
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(b["input_ids"].numel() for b in batches)
     f1 = val_macro_f1(model, data["validation"], tokenizer.pad_token_id)
-    out = result("bare_loop", seconds, steps, mean_length(data["train"]), f1)
+    out = result("bare_loop", seconds, steps, mean_length(data["train"]), f1, seed=seed)
     out.update(real_tokens_per_s_measured=round(real / seconds, 1), pad_fraction=round(1 - real / padded, 3))
     return out
 
@@ -312,34 +324,44 @@ def run_bare(params, steps: int, work: Path) -> dict:
 
 
 def best_of(runs: list[dict]) -> dict:
-    """The fastest repeat of a contender (the machine is shared: the least disturbed one), with every repeat's time."""
+    """The fastest repeat of a contender (the machine is shared: the least disturbed one) for its time, and the mean
+    validation macro-F1 over the repeats (one per seed), with every repeat's numbers."""
     best = dict(min(runs, key=lambda r: r["train_s"]))
+    f1 = [r["val_macro_f1"] for r in runs]
+    best["fastest_repeat_seed"] = best.pop("seed")
+    best["fastest_repeat_val_macro_f1"] = best["val_macro_f1"]
+    best["val_macro_f1"] = round(float(np.mean(f1)), 4)
+    best["val_macro_f1_std"] = round(float(np.std(f1, ddof=1)), 4) if len(f1) > 1 else None
+    best["repeats_seed"] = [r["seed"] for r in runs]
     best["repeats_train_s"] = [r["train_s"] for r in runs]
-    best["repeats_val_macro_f1"] = [r["val_macro_f1"] for r in runs]
+    best["repeats_val_macro_f1"] = f1
     return best
 
 
 def run(work: Path, quick: bool, repeats: int | None = None) -> dict:
-    repeats = repeats or (1 if quick else 2)
-    out = {"batch_size": BATCH, "seed": SEED, "repeats": repeats, "tasks": {}}
-    for task, (max_length, full_steps, quick_steps) in TASKS.items():
+    out = {"batch_size": BATCH, "seeds_from": SEED, "warmup_steps": WARMUP_STEPS, "tasks": {}}
+    for task, (max_length, full_steps, quick_steps, full_repeats) in TASKS.items():
         steps = quick_steps if quick else full_steps
+        task_repeats = repeats or (1 if quick else full_repeats)
         print(f"bench train: {task}: preparing data (max_length {max_length})", flush=True)
         params = prepare(work / task, task)
         from datasets import load_from_disk
 
         data = load_from_disk(str(params.paths.tokenized_dir / "data"))
-        runners = {"ours": lambda: run_ours(params, steps, work / task),
-                   "seed_max_length": lambda: run_hf(params, steps, work / task, "max_length"),
-                   "hf_dynamic": lambda: run_hf(params, steps, work / task, "dynamic"),
-                   "bare_loop": lambda: run_bare(params, steps, work / task)}
+        print(f"bench train: {task}: {WARMUP_STEPS} untimed warm-up steps", flush=True)
+        run_bare(params, WARMUP_STEPS, work / task, timed=False)
+        runners = {"ours": lambda seed: run_ours(params, steps, work / task, seed),
+                   "seed_max_length": lambda seed: run_hf(params, steps, work / task, "max_length", seed),
+                   "hf_dynamic": lambda seed: run_hf(params, steps, work / task, "dynamic", seed),
+                   "bare_loop": lambda seed: run_bare(params, steps, work / task, seed)}
         runs: dict[str, list[dict]] = {name: [] for name in runners}
-        for repeat in range(repeats):
+        for repeat in range(task_repeats):
             # Alternate the order, so that a change in the machine's load does not always hit the same contender.
             order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
             for name in order:
-                print(f"bench train: {task}: {name}, {steps} steps (repeat {repeat + 1})", flush=True)
-                runs[name].append(runners[name]())
+                print(f"bench train: {task}: {name}, {steps} steps (repeat {repeat + 1}, seed {SEED + repeat})",
+                      flush=True)
+                runs[name].append(runners[name](SEED + repeat))
                 print(f"bench train: {task}: {runs[name][-1]}", flush=True)
         rows = [best_of(runs[name]) for name in runners]
         by = {r["contender"]: r for r in rows}
@@ -347,6 +369,7 @@ def run(work: Path, quick: bool, repeats: int | None = None) -> dict:
         out["tasks"][task] = {
             "max_length": max_length,
             "steps": steps,
+            "repeats": task_repeats,
             "train_rows": len(data["train"]),
             "validation_rows": len(data["validation"]),
             "mean_tokens_per_row": round(mean_length(data["train"]), 1),

@@ -55,6 +55,8 @@ class Paths(Section):
     promotion: Path
     watch_state: Path
     pipeline_lock: Path
+    # Memo of per-file (clean) and per-text (tokenize) results between runs; null turns it off (stages/memo.py).
+    cache_dir: Path | None = None
 
 
 class Columns(Section):

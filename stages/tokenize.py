@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from stages import memo
 from stages.io import atomic_path, stage_main, write_json
 from stages.modeling import fingerprint, load_tokenizer
 from stages.params import Model, Paths, Tokenize
@@ -102,9 +106,77 @@ def length_stats(full: np.ndarray, max_length: int) -> dict:
     }
 
 
-def tokenize_split(frame: pd.DataFrame, tokenizer, labels: list[str], options: Tokenize):
-    """(datasets.Dataset, untruncated lengths) for one split."""
+def cache_key(saved_tokenizer: Path, tokenizer, max_length: int) -> dict:
+    """What token ids depend on: the saved tokenizer, max_length, this module's code and the encoding libraries."""
+    return {"tokenizer": fingerprint(saved_tokenizer), "class": type(tokenizer).__name__, "max_length": max_length,
+            "code": memo.source_digest("stages.tokenize"),
+            "libraries": memo.library_versions("transformers", "tokenizers", "pandas")}
+
+
+def encode_table(tokenizer, texts: list[str], options: Tokenize):
+    """Arrow columns input_ids (list<int32>) and full_length (int32) for `texts`, a batch at a time.
+
+    Straight to Arrow through numpy: the Python lists of a batch are freed before the next, which keeps peak memory
+    flat at a million rows (Dataset.from_dict per batch was slower, too).
+    """
     import pyarrow as pa
+
+    id_chunks, full_chunks = [], []
+    for start in range(0, len(texts), options.batch_size):
+        ids, full = encode(tokenizer, texts[start:start + options.batch_size], options.max_length)
+        lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+        offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter((t for row in ids for t in row), dtype=np.int32, count=int(offsets[-1]))
+        id_chunks.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)))
+        full_chunks.append(pa.array(np.asarray(full, dtype=np.int32)))
+    if not id_chunks:
+        return pa.chunked_array([], pa.list_(pa.int32())), pa.chunked_array([], pa.int32())
+    return pa.chunked_array(id_chunks), pa.chunked_array(full_chunks)
+
+
+def encode_with_cache(tokenizer, texts: pd.Series, options: Tokenize, cache: memo.TokenCache):
+    """(source table, row -> source position, texts tokenized now): every text's ids from the cache or encoded.
+
+    Texts are identified by a 128-bit hash. Distinct texts are encoded once. Should two different texts ever share
+    a 64-bit half of it, the cache is bypassed for the run and every row is encoded.
+    """
+    import pyarrow as pa
+
+    h1, h2 = memo.text_hashes(texts)
+    cached = cache.load()
+    c1, c2 = cached["h1"].to_numpy(), cached["h2"].to_numpy()
+    position = pd.Index(c1).get_indexer(h1) if len(c1) else np.full(len(h1), -1, dtype=np.int64)
+    found = position >= 0
+    collision = bool((c2[position[found]] != h2[found]).any())
+    missing = np.flatnonzero(~found)
+    _, first = np.unique(h1[missing], return_index=True)
+    new_rows = missing[np.sort(first)]
+    if len(missing):
+        representative = new_rows[pd.Index(h1[new_rows]).get_indexer(h1[missing])]
+        collision = collision or bool((h2[representative] != h2[missing]).any())
+    if collision:
+        print("tokenize: warning: two texts share a 64-bit hash; the cache is bypassed for this run")
+        cached, new_rows = memo.TokenCache.empty(), np.arange(len(texts))
+        position = np.arange(len(texts), dtype=np.int64)
+    else:
+        position[missing] = len(c1) + pd.Index(h1[new_rows]).get_indexer(h1[missing])
+    ids, full = encode_table(tokenizer, texts.iloc[new_rows].tolist(), options)
+    new = pa.table({"h1": pa.array(h1[new_rows]), "h2": pa.array(h2[new_rows]), "input_ids": ids,
+                    "full_length": full}).combine_chunks()
+    source = pa.concat_tables([cached, new]).combine_chunks()
+    if not collision:
+        live = np.zeros(source.num_rows, dtype=bool)
+        live[position] = True
+        cache.update(source, len(c1), live)
+    return source, position, len(new_rows)
+
+
+def split_dataset(source, position: np.ndarray, labels: list[str], frame: pd.DataFrame, max_length: int):
+    """One split as a datasets.Dataset (input_ids, labels, length) taken from the source table, and each row's
+    untruncated length."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     from datasets import ClassLabel, Dataset, DatasetInfo, Features, Sequence, Value
 
     features = Features(
@@ -112,33 +184,19 @@ def tokenize_split(frame: pd.DataFrame, tokenizer, labels: list[str], options: T
     )
     label_id = {label: i for i, label in enumerate(labels)}
     label_ids = frame["label"].map(label_id).to_numpy(dtype=np.int64)
-    full_lengths = np.empty(len(frame), dtype=np.int64)
+    taken = source.select(["input_ids", "full_length"]).take(pa.array(position, type=pa.int64())).combine_chunks()
+    ids = taken.column("input_ids").chunk(0) if taken.num_rows else pa.array([], pa.list_(pa.int32()))
+    lengths = pc.list_value_length(ids).cast(pa.int32())
     # The dataset's fingerprint (saved in state.json) is a hash of its content, not the random one `datasets`
     # would pick: the same splits and tokenizer then give a byte-identical folder, which DVC sees as unchanged.
-    content = hashlib.blake2b(json.dumps([labels, options.max_length]).encode(), digest_size=8)
-    tables = []
-    texts = frame["text"].tolist()
-    for start in range(0, len(texts), options.batch_size):
-        stop = min(start + options.batch_size, len(texts))
-        ids, full = encode(tokenizer, texts[start:stop], options.max_length)
-        full_lengths[start:stop] = full
-        # Straight to Arrow through numpy, one batch at a time: the Python lists of a batch are freed before the
-        # next, which keeps peak memory flat at a million rows (Dataset.from_dict per batch was slower, too).
-        lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-        offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((t for row in ids for t in row), dtype=np.int32, count=int(offsets[-1]))
-        for array in (lengths, flat, label_ids[start:stop]):
-            content.update(array.tobytes())
-        tables.append(pa.table({
-            "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
-            "labels": pa.array(label_ids[start:stop]),
-            "length": pa.array(lengths),
-        }))
-    table = pa.concat_tables(tables) if tables else features.arrow_schema.empty_table()
+    content = hashlib.blake2b(json.dumps([labels, max_length]).encode(), digest_size=8)
+    for array in (lengths.to_numpy(zero_copy_only=False), ids.flatten().to_numpy(zero_copy_only=False), label_ids):
+        content.update(np.ascontiguousarray(array).tobytes())
+    table = pa.table({"input_ids": ids, "labels": pa.array(label_ids), "length": lengths})
     dataset = Dataset(table.cast(features.arrow_schema), info=DatasetInfo(features=features),
                       fingerprint=content.hexdigest())
-    return dataset, full_lengths
+    full = taken.column("full_length").to_numpy() if taken.num_rows else np.zeros(0, dtype=np.int32)
+    return dataset, full.astype(np.int64)
 
 
 def run(paths: Paths, model: Model, options: Tokenize) -> dict:
@@ -150,15 +208,25 @@ def run(paths: Paths, model: Model, options: Tokenize) -> dict:
     frames = {name: pd.read_parquet(paths.split_dir / f"{name}.parquet") for name in SPLITS}
     labels = sorted(set().union(*(set(f["label"]) for f in frames.values())))
     tokenizer = load_tokenizer(model.name, model)
-    datasets, report_splits = {}, {}
-    for name, frame in frames.items():
-        datasets[name], full = tokenize_split(frame, tokenizer, labels, options)
-        report_splits[name] = length_stats(full, options.max_length)
-    with atomic_path(paths.tokenized_dir, directory=True) as tmp:
-        DatasetDict(datasets).save_to_disk(str(tmp / "data"))
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        write_json(tmp / "label_map.json", {"labels": labels, "label2id": {l: i for i, l in enumerate(labels)}})
-        tokenizer_hash = fingerprint(tmp / "tokenizer")
+    with tempfile.TemporaryDirectory() as folder:
+        # Saved before any call: encoding sets truncation on the Rust tokenizer, which save_pretrained would keep,
+        # so the saved files would depend on whether anything was encoded (with a warm cache, nothing is).
+        saved = Path(folder) / "tokenizer"
+        tokenizer.save_pretrained(str(saved))
+        cache = memo.TokenCache(paths.cache_dir, cache_key(saved, tokenizer, options.max_length))
+        texts = pd.concat([f["text"] for f in frames.values()], ignore_index=True)
+        source, position, encoded = encode_with_cache(tokenizer, texts, options, cache)
+        datasets, report_splits, start = {}, {}, 0
+        for name, frame in frames.items():
+            rows = position[start:start + len(frame)]
+            datasets[name], full = split_dataset(source, rows, labels, frame, options.max_length)
+            start += len(frame)
+            report_splits[name] = length_stats(full, options.max_length)
+        with atomic_path(paths.tokenized_dir, directory=True) as tmp:
+            DatasetDict(datasets).save_to_disk(str(tmp / "data"))
+            shutil.copytree(saved, tmp / "tokenizer")
+            write_json(tmp / "label_map.json", {"labels": labels, "label2id": {l: i for i, l in enumerate(labels)}})
+            tokenizer_hash = fingerprint(tmp / "tokenizer")
     report = {
         "model": model.name,
         "tokenizer_class": type(tokenizer).__name__,
@@ -169,6 +237,9 @@ def run(paths: Paths, model: Model, options: Tokenize) -> dict:
         "splits": report_splits,
     }
     write_json(paths.tokenize_report, report)
+    reused = len(texts) - encoded
+    print(f"tokenize: {len(texts)} rows: {encoded} texts encoded, {reused} rows from the cache"
+          + ("" if paths.cache_dir else " (paths.cache_dir is null: no cache)"))
     for name, stats in report_splits.items():
         print(f"tokenize: {name}: {stats['rows']} rows, p50 {stats.get('p50')} / p95 {stats.get('p95')} tokens, "
               f"{stats.get('truncated_fraction', 0):.1%} truncated at {options.max_length}")

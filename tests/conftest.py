@@ -99,7 +99,7 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 def project_params(tmp: Path, model: Path | str = "unused", **overrides) -> dict:
     """The project's params.yaml with every path moved under `tmp` and small settings for tiny data."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["paths"] = {key: str(tmp / value) for key, value in raw["paths"].items()}
+    raw["paths"] = {key: None if value is None else str(tmp / value) for key, value in raw["paths"].items()}
     raw["validate"]["labels"] = {"sport": ["sports"], "business": ["biz"], "tech": []}
     raw["validate"]["min_chars"] = 5
     raw["validate"]["min_per_class"] = 10

@@ -1,0 +1,138 @@
+"""The stage caches (stages/memo.py): outputs are byte-identical with a full, empty, damaged or absent cache, and a
+warm run only does the work of what is new."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import prepared_project, project_params, synthetic_rows, write_csv
+from stages import clean, memo, split, tokenize
+from stages.params import parse
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tokenize_outputs(params) -> dict:
+    out = folder_digest(params.paths.tokenized_dir)
+    out["report"] = params.paths.tokenize_report.read_text()
+    return out
+
+
+def with_cache(params, cache_dir):
+    return params.model_copy(update={"paths": params.paths.model_copy(update={"cache_dir": cache_dir})})
+
+
+def run_tokenize(params, capsys) -> tuple[int, int]:
+    """Run the stage; (rows, texts encoded) as it printed them."""
+    capsys.readouterr()
+    tokenize.run(params.paths, params.model, params.tokenize)
+    line = next(l for l in capsys.readouterr().out.splitlines() if "texts encoded" in l)
+    rows, encoded = line.split(": ")[1].split(" rows")[0], line.split(": ")[2].split(" texts")[0]
+    return int(rows), int(encoded)
+
+
+def add_validated_rows(params, rows: list[dict]) -> None:
+    frame = pd.read_parquet(params.paths.validated)
+    extra = pd.DataFrame(rows).assign(source_file="b.csv", line=range(2, 2 + len(rows)), n_votes=1, agreement=1.0)
+    pd.concat([frame, extra[frame.columns]], ignore_index=True).to_parquet(params.paths.validated)
+    split.run(params.paths, params.split)
+
+
+def test_token_cache_warm_run_encodes_nothing_and_writes_identical_files(tmp_path, tiny_bert, capsys):
+    params, _ = prepared_project(tmp_path, tiny_bert)
+    assert params.paths.cache_dir == tmp_path / ".cache/stages"
+    no_cache = with_cache(params, None)
+    assert run_tokenize(no_cache, capsys) == (120, 120)
+    reference = tokenize_outputs(params)
+    shutil_rm(params.paths.cache_dir)
+
+    assert run_tokenize(params, capsys) == (120, 120)  # cold cache: everything encoded once
+    assert tokenize_outputs(params) == reference
+    shards = list(params.paths.cache_dir.glob("tokenize/*/part-*.arrow"))
+    assert len(shards) == 1
+    assert run_tokenize(params, capsys) == (120, 0)  # warm: nothing encoded
+    assert tokenize_outputs(params) == reference
+    assert list(params.paths.cache_dir.glob("tokenize/*/part-*.arrow")) == shards  # nothing new to store
+
+
+def test_token_cache_encodes_only_new_texts_and_matches_a_cold_run(tmp_path, tiny_bert, capsys):
+    params, _ = prepared_project(tmp_path, tiny_bert)
+    run_tokenize(params, capsys)
+    new = [r for r in synthetic_rows(45, seed=7, prefix="n") if r["text"] not in
+           set(pd.read_parquet(params.paths.validated)["text"])][:12]
+    add_validated_rows(params, new)
+    assert run_tokenize(params, capsys) == (132, 12)
+    warm = tokenize_outputs(params)
+    assert len(list(params.paths.cache_dir.glob("tokenize/*/part-*.arrow"))) == 2
+
+    assert run_tokenize(with_cache(params, None), capsys) == (132, 132)
+    assert tokenize_outputs(params) == warm
+
+
+def test_token_cache_is_keyed_by_max_length_and_compacted(tmp_path, tiny_bert, capsys):
+    params, _ = prepared_project(tmp_path, tiny_bert)
+    run_tokenize(params, capsys)
+    first_key = {p.parent.name for p in params.paths.cache_dir.glob("tokenize/*/part-*.arrow")}
+    longer = params.model_copy(update={"tokenize": params.tokenize.model_copy(update={"max_length": 48})})
+    assert run_tokenize(longer, capsys) == (120, 120)  # another max_length: nothing reusable
+    second_key = {p.parent.name for p in params.paths.cache_dir.glob("tokenize/*/part-*.arrow")}
+    assert len(second_key) == 1 and second_key != first_key  # the other length's cache is removed
+
+    # Keep under half of the rows (a third of train, all of validation and test, so every class keeps every split):
+    # the cache is rewritten as one shard holding only those.
+    parts = {name: pd.read_parquet(params.paths.split_dir / f"{name}.parquet") for name in tokenize.SPLITS}
+    parts["train"] = parts["train"].iloc[: len(parts["train"]) // 3]
+    kept = pd.concat(parts.values(), ignore_index=True)
+    assert len(kept) < 60
+    kept.to_parquet(params.paths.validated)
+    split.run(params.paths, params.split)
+    assert run_tokenize(longer, capsys) == (len(kept), 0)
+    shards = list(params.paths.cache_dir.glob("tokenize/*/part-*.arrow"))
+    assert len(shards) == 1
+    import pyarrow.feather as feather
+
+    assert feather.read_table(shards[0]).num_rows == len(kept)
+
+
+def test_damaged_token_cache_is_recomputed(tmp_path, tiny_bert, capsys):
+    params, _ = prepared_project(tmp_path, tiny_bert)
+    run_tokenize(params, capsys)
+    reference = tokenize_outputs(params)
+    shard = next(params.paths.cache_dir.glob("tokenize/*/part-*.arrow"))
+    shard.write_bytes(b"not arrow at all")
+    tokenize.run(params.paths, params.model, params.tokenize)
+    out = capsys.readouterr().out
+    assert f"cache entry {shard} is unreadable" in out and "120 texts encoded" in out
+    assert tokenize_outputs(params) == reference
+
+
+def test_hash_collision_bypasses_the_token_cache(tmp_path, tiny_bert, capsys, monkeypatch):
+    params, _ = prepared_project(tmp_path, tiny_bert)
+    run_tokenize(with_cache(params, None), capsys)
+    reference = tokenize_outputs(params)
+    real = memo.text_hashes
+
+    def colliding(texts):
+        h1, h2 = real(texts)
+        return np.zeros_like(h1), h2  # every text shares its first half
+
+    monkeypatch.setattr(memo, "text_hashes", colliding)
+    tokenize.run(params.paths, params.model, params.tokenize)
+    out = capsys.readouterr().out
+    assert "cache is bypassed" in out and "120 texts encoded" in out
+    assert tokenize_outputs(params) == reference
+    assert not list(params.paths.cache_dir.glob("tokenize/*/part-*.arrow"))
+
+
+def shutil_rm(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
