@@ -10,6 +10,10 @@ Writes paths.clean           Parquet: source_file, line, id, text, text_raw, lab
 Normalisation: HTML tags removed and entities unescaped, Unicode NFKC, control and zero-width characters removed,
 whitespace collapsed; lowercasing and punctuation removal only when params ask. Two rows are exact duplicates when
 their normalised text, label and annotator are equal (rows by different annotators are votes, kept for `validate`).
+
+Each file's rows are read and normalised once: paths.cache_dir/clean keeps them per file, keyed by the file's bytes
+and name, the `clean` params and this code (stages/memo.py). When annotators add a file, only that file is read;
+duplicates are still found across all files, and the outputs are the same as from an empty cache.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages import memo
 from stages.io import REJECTED_COLUMNS, StageError, stage_main, write_frame, write_json
 from stages.params import Clean, Paths
 from stages.readers import FORMATS, FileRead, read_file
@@ -111,34 +116,73 @@ def raw_files(raw_dir: Path) -> list[Path]:
     return files
 
 
-def frames_from_reads(reads: list[FileRead], raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    records, rejected = [], []
-    for read in reads:
-        name = read.path.relative_to(raw_dir).as_posix()
-        records.extend({"source_file": name, **r} for r in read.records)
-        rejected.extend({"source_file": name, **r} for r in read.rejected)
+def frames_from_read(read: FileRead, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One file's records (raw strings) and the rows its reader rejected, as frames."""
     columns = ["source_file", "line", "id", "text", "label", "annotator"]
-    frame = pd.DataFrame(records, columns=columns).astype({"line": "int64"})
+    frame = pd.DataFrame([{"source_file": name, **r} for r in read.records], columns=columns).astype({"line": "int64"})
     frame = frame.astype({c: "string" for c in columns if c != "line"})
+    rejected = [{"source_file": name, **r} for r in read.rejected]
     rejected_frame = pd.DataFrame(rejected, columns=REJECTED_COLUMNS) if rejected else _empty_rejected()
     return frame, rejected_frame
 
 
-def build_report(reads: list[FileRead], raw_dir: Path, kept: pd.DataFrame, rejected: pd.DataFrame,
-                 options: Clean) -> dict:
+def clean_file(path: Path, name: str, options: Clean) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(normalised rows, rejected rows, what the report needs) for one raw file: everything but the duplicates,
+    which are found across files."""
+    read = read_file(path, options.columns, options.fallback_encoding)
+    records, rejected = frames_from_read(read, name)
+    ids = {r["line"]: r["id"] for r in read.records}
+    summary = {
+        "format": read.format,
+        "rows_read": len(read.records) + len(read.rejected),
+        "fallback_count": len(read.fallback_lines),
+        "fallback_first_rows": [{"line": n, "id": ids.get(n)} for n in read.fallback_lines[:100]],
+    }
+    return normalize_frame(records, options), rejected, summary
+
+
+def cache_key(options: Clean) -> dict:
+    """What a file's cleaned rows depend on besides its bytes and name: the params and the code that reads."""
+    return {"options": options.model_dump(mode="json"), "code": memo.source_digest("stages.clean", "stages.readers"),
+            "libraries": memo.library_versions("pandas", "pyarrow")}
+
+
+def clean_files(files: list[Path], raw_dir: Path, options: Clean, cache_dir: Path | None):
+    """Every file's (name, normalised rows, rejected rows, summary), from the cache when the file is unchanged."""
+    cache = memo.FileCache(cache_dir, "clean", cache_key(options))
+    out = []
+    for path in files:
+        name = path.relative_to(raw_dir).as_posix()
+        content = memo.file_digest(path) if cache.dir is not None else ""
+        stored = cache.get(name, content)
+        if stored is not None:
+            frames, summary = stored
+            rows, rejected = frames["rows"], frames["rejected"]
+        else:
+            rows, rejected, summary = clean_file(path, name, options)
+            cache.put(name, content, {"rows": rows, "rejected": rejected}, summary)
+        out.append((name, rows, rejected, summary))
+    cache.prune()
+    if cache.dir is not None:
+        print(f"clean: {cache.hits} of {len(files)} files unchanged since an earlier run, taken from the cache")
+    return out
+
+
+def build_report(summaries: dict[str, dict], kept: pd.DataFrame, rejected: pd.DataFrame, options: Clean) -> dict:
     files = {}
-    for read in reads:
-        name = read.path.relative_to(raw_dir).as_posix()
-        mine = rejected[rejected["source_file"] == name]
-        ids = {r["line"]: r["id"] for r in read.records}
+    kept_per_file = kept["source_file"].value_counts()
+    rejected_per_file = {name: group["reason"].value_counts().sort_index()
+                         for name, group in rejected.groupby("source_file", sort=False)}
+    for name, summary in summaries.items():
+        mine = rejected_per_file.get(name, pd.Series(dtype="int64"))
         entry = {
-            "format": read.format,
-            "rows_read": len(read.records) + len(read.rejected),
-            "kept": int((kept["source_file"] == name).sum()),
-            "rejected": {str(k): int(v) for k, v in mine["reason"].value_counts().sort_index().items()},
+            "format": summary["format"],
+            "rows_read": summary["rows_read"],
+            "kept": int(kept_per_file.get(name, 0)),
+            "rejected": {str(k): int(v) for k, v in mine.items()},
             "decoded_with_fallback": {
-                "count": len(read.fallback_lines),
-                "first_rows": [{"line": n, "id": ids.get(n)} for n in read.fallback_lines[:100]],
+                "count": summary["fallback_count"],
+                "first_rows": summary["fallback_first_rows"],
             },
         }
         if entry["rows_read"] != entry["kept"] + sum(entry["rejected"].values()):
@@ -158,13 +202,13 @@ def build_report(reads: list[FileRead], raw_dir: Path, kept: pd.DataFrame, rejec
 
 def run(paths: Paths, options: Clean) -> dict:
     files = raw_files(paths.raw_dir)
-    reads = [read_file(path, options.columns, options.fallback_encoding) for path in files]
-    records, read_rejected = frames_from_reads(reads, paths.raw_dir)
-    normalized = normalize_frame(records, options)
+    cleaned = clean_files(files, paths.raw_dir, options, paths.cache_dir)
+    normalized = pd.concat([rows for _, rows, _, _ in cleaned], ignore_index=True)
     kept, duplicates = drop_duplicates(normalized)
-    rejected = pd.concat([read_rejected, duplicates], ignore_index=True) if len(duplicates) else read_rejected
+    parts = [r for _, _, r, _ in cleaned if len(r)] + ([duplicates] if len(duplicates) else [])
+    rejected = pd.concat(parts, ignore_index=True) if parts else _empty_rejected()
     rejected = rejected.sort_values(["source_file", "line"], kind="stable").reset_index(drop=True)
-    report = build_report(reads, paths.raw_dir, kept, rejected, options)
+    report = build_report({name: summary for name, _, _, summary in cleaned}, kept, rejected, options)
 
     write_frame(paths.clean, kept)
     write_frame(paths.clean_rejected, rejected)

@@ -26,8 +26,6 @@ import pandas as pd
 
 # Bump when the layout of an entry changes: older entries are then ignored.
 LAYOUT = 1
-# Two independent 64-bit SipHash keys (pandas' hash_pandas_object): together, a 128-bit hash of each text.
-_TEXT_KEYS = ("sft-pipeline-h1x", "sft-pipeline-h2y")
 
 
 def digest(data: Any) -> str:
@@ -60,11 +58,12 @@ def library_versions(*names: str) -> dict:
     return {name: version(name) for name in names}
 
 
-def text_hashes(texts: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Two independent uint64 hashes per text (vectorised SipHash over UTF-8 bytes)."""
-    series = pd.Series(texts, dtype="string").reset_index(drop=True)
-    return tuple(pd.util.hash_pandas_object(series, index=False, encoding="utf8", hash_key=key).to_numpy()
-                 for key in _TEXT_KEYS)
+def text_hashes(texts) -> tuple[np.ndarray, np.ndarray]:
+    """A 128-bit blake2b hash of each text's UTF-8 bytes, as two uint64 halves (about 0.6 s per million texts)."""
+    joined = b"".join(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                      for text in texts)
+    halves = np.frombuffer(joined, dtype="<u8").reshape(-1, 2)
+    return halves[:, 0].copy(), halves[:, 1].copy()
 
 
 def _write_atomic(final: Path, write) -> None:

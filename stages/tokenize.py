@@ -9,6 +9,10 @@ Writes paths.tokenized_dir        a datasets DatasetDict in Arrow: input_ids (in
        paths.tokenize_report      JSON: token length percentiles before truncation and the fraction truncated
 
 Batches are padded later, at train time, to the longest row of each batch.
+
+Each distinct text is encoded once per tokenizer and max_length: paths.cache_dir/tokenize keeps token ids and
+untruncated lengths by a 128-bit hash of the text (stages/memo.py), so new annotations cost only their own encoding.
+The output folder is byte-identical whether the cache was full, empty or absent.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def cache_key(saved_tokenizer: Path, tokenizer, max_length: int) -> dict:
     """What token ids depend on: the saved tokenizer, max_length, this module's code and the encoding libraries."""
     return {"tokenizer": fingerprint(saved_tokenizer), "class": type(tokenizer).__name__, "max_length": max_length,
             "code": memo.source_digest("stages.tokenize"),
-            "libraries": memo.library_versions("transformers", "tokenizers", "pandas")}
+            "libraries": memo.library_versions("transformers", "tokenizers")}
 
 
 def encode_table(tokenizer, texts: list[str], options: Tokenize):

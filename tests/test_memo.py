@@ -4,6 +4,7 @@ warm run only does the work of what is new."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,95 @@ def shutil_rm(folder: Path) -> None:
     import shutil
 
     shutil.rmtree(folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ clean
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bad_input"
+# Every fixture that clean reads (the others stop the stage), so the cache round-trips each kind of row.
+READABLE = ["bom.csv", "latin1.csv", "malformed_quotes.csv", "too_many_fields.csv", "empty_text.csv", "nan.csv",
+            "nan.jsonl", "whitespace_only.csv", "unknown_label.csv", "label_synonyms.csv", "duplicates.csv",
+            "conflicting_labels.csv", "html.csv", "control_zero_width.csv", "long_text.csv", "empty.csv",
+            "header_only.csv", "broken_line.jsonl"]
+
+
+def clean_project(tmp_path):
+    import shutil
+
+    params = parse(project_params(tmp_path))
+    raw = params.paths.raw_dir
+    raw.mkdir(parents=True)
+    for name in READABLE:
+        shutil.copy(FIXTURES / name, raw / name)
+    # Cross-file duplicates: the second file repeats rows of the first.
+    rows = synthetic_rows(10, seed=5)
+    write_csv(raw / "good_a.csv", rows)
+    write_csv(raw / "good_b.csv", rows[:5] + synthetic_rows(3, seed=6, prefix="b"))
+    return params
+
+
+def clean_outputs(params) -> dict:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest()
+            for p in (params.paths.clean, params.paths.clean_rejected, params.paths.clean_report)}
+
+
+def run_clean(params, capsys) -> int:
+    """Run clean; how many files it took from the cache."""
+    capsys.readouterr()
+    clean.run(params.paths, params.clean)
+    line = next((l for l in capsys.readouterr().out.splitlines() if "taken from the cache" in l), None)
+    return -1 if line is None else int(line.split(": ")[1].split(" of ")[0])
+
+
+def test_clean_cache_gives_identical_outputs_for_every_kind_of_row(tmp_path, capsys):
+    params = clean_project(tmp_path)
+    files = len(list(params.paths.raw_dir.iterdir()))
+    assert run_clean(with_cache(params, None), capsys) == -1
+    reference = clean_outputs(params)
+    report = json.loads(params.paths.clean_report.read_text())
+    assert report["totals"]["rejected"]["duplicate"] >= 5 + 2  # the cross-file ones and the fixture's own
+    assert report["totals"]["decoded_with_fallback"] == 1
+
+    assert run_clean(params, capsys) == 0
+    assert clean_outputs(params) == reference
+    assert run_clean(params, capsys) == files
+    assert clean_outputs(params) == reference
+
+
+def test_clean_cache_follows_changed_added_and_removed_files(tmp_path, capsys):
+    params = clean_project(tmp_path)
+    raw = params.paths.raw_dir
+    run_clean(params, capsys)
+    files = len(list(raw.iterdir()))
+    entries = lambda: len([p for p in params.paths.cache_dir.glob("clean/*/*") if not p.name.startswith(".")])
+    assert entries() == files
+
+    # good_a.csv edited (one row's label changes), good_c.csv added, good_b.csv removed.
+    text = (raw / "good_a.csv").read_text()
+    (raw / "good_a.csv").write_text(text.replace(",sport\n", ",tech\n", 1))
+    write_csv(raw / "good_c.csv", synthetic_rows(4, seed=9, prefix="c"))
+    (raw / "good_b.csv").unlink()
+    assert run_clean(params, capsys) == files - 2  # every file but the edited and the new one
+    warm = clean_outputs(params)
+    assert entries() == files  # the removed file's and the old good_a.csv's entries are gone
+
+    run_clean(with_cache(params, None), capsys)
+    assert clean_outputs(params) == warm
+
+    # Other clean params: nothing can be reused, and the old entries are removed.
+    lower = params.model_copy(update={"clean": params.clean.model_copy(update={"lowercase": True})})
+    assert run_clean(lower, capsys) == 0
+    assert len(list(params.paths.cache_dir.glob("clean/*"))) == 1
+    kept = pd.read_parquet(params.paths.clean)
+    assert (kept["text"] == kept["text"].str.lower()).all()
+
+
+def test_damaged_clean_cache_entry_is_recomputed(tmp_path, capsys):
+    params = clean_project(tmp_path)
+    run_clean(params, capsys)
+    reference = clean_outputs(params)
+    entry = next(p for p in params.paths.cache_dir.glob("clean/*/*") if (p / "rows.parquet").is_file())
+    (entry / "rows.parquet").write_bytes(b"PAR1 damaged")
+    clean.run(params.paths, params.clean)
+    assert f"cache entry {entry} is unreadable" in capsys.readouterr().out
+    assert clean_outputs(params) == reference
