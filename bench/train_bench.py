@@ -273,7 +273,9 @@ def run_bare(params, steps: int, work: Path, seed: int = SEED, timed: bool = Tru
     """Forward, backward, clip, optimizer and scheduler step over pre-collated batches from our stage's sampler."""
     import torch
     from datasets import load_from_disk
-    from transformers import DataCollatorWithPadding, Trainer, get_linear_schedule_with_warmup
+    from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+
+    from stages.train import trainer_class
 
     from stages.io import read_json
     from stages.modeling import load_tokenizer
@@ -283,9 +285,9 @@ def run_bare(params, steps: int, work: Path, seed: int = SEED, timed: bool = Tru
     data = load_from_disk(str(params.paths.tokenized_dir / "data"))
     model = fresh_model(params, labels, tokenizer.pad_token_id, seed)
     sampling = "group_by_length" if params.train.group_by_length else "random"
-    loader = Trainer(model=model, args=hf_arguments(work / "bare", params, steps, sampling, seed),
-                     train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer)
-                     ).get_train_dataloader()
+    loader = trainer_class()(model=model, args=hf_arguments(work / "bare", params, steps, sampling, seed),
+                             train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer)
+                             ).get_train_dataloader()
     batches = []
     while len(batches) < steps:
         for batch in loader:

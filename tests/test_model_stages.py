@@ -116,3 +116,28 @@ def test_train_and_evaluate_main(tmp_path, request, model_fixture):
     # Three classes with separate vocabularies: even a tiny model beats chance (1/3) clearly.
     assert metrics["accuracy"] > 0.6, metrics
     assert np.all((predictions["confidence"] > 0) & (predictions["confidence"] <= 1))
+
+
+def test_length_grouped_batches_cover_every_row_once_in_random_order():
+    from stages.train import LengthGroupedBatches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 60, 1000)
+    sampler = LengthGroupedBatches(lengths, batch_size=32, seed=7, mega_batch_mult=4)
+    first = list(sampler)
+    assert sorted(first) == list(range(1000)) and len(sampler) == 1000
+    batches = [first[i:i + 32] for i in range(0, 1000, 32)]  # what a DataLoader with batch_size 32 makes of it
+    assert [len(b) for b in batches] == [32] * 31 + [8]
+    # Each batch comes from one mega-batch sorted by length: its spread is far below that of a random batch.
+    spread = np.mean([np.ptp(lengths[b]) for b in batches[:-1]])
+    shuffled = rng.permutation(1000)
+    random_spread = np.mean([np.ptp(lengths[shuffled[i:i + 32]]) for i in range(0, 992, 32)])
+    assert spread < 0.3 * random_spread
+    # Batches are not ordered by length (HF's LengthGroupedSampler sweeps long to short within each mega-batch).
+    longest = [lengths[b].max() for b in batches[:-1]]
+    assert not (np.all(np.diff(longest) <= 0) or np.all(np.diff(longest) >= 0))
+    assert list(LengthGroupedBatches(lengths, 32, seed=7, mega_batch_mult=4)) == first  # same seed and epoch
+    sampler.set_epoch(1)
+    assert list(sampler) != first  # a new order each epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # and the same again for a resumed epoch
