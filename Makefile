@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml constraints.txt
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
-# Benchmarks against the seed recipe, HF Trainer and a bare loop (about 25 minutes on 2 cores; QUICK=1 for a smoke
+# Benchmarks against the seed recipe, HF Trainer and a bare loop (about 35 minutes on 2 cores; QUICK=1 for a smoke
 # run); writes bench/results/*.json and bench/results/README.md.
 .PHONY: bench
 bench: $(STAMP)

@@ -154,11 +154,18 @@ def trainer_class():
 
     class GroupedTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
+            # The DataLoader's copy has lost the `length` column (not a model input); the rows are the same.
             dataset = self.train_dataset if train_dataset is None else train_dataset
-            if self.args.train_sampling_strategy != "group_by_length" or "length" not in dataset.column_names:
+            if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "column_names"):
                 return super()._get_train_sampler(train_dataset)
-            return LengthGroupedBatches(dataset["length"], self.args.train_batch_size
-                                        * self.args.gradient_accumulation_steps, self.args.data_seed or self.args.seed)
+            if "length" in getattr(self.train_dataset, "column_names", ()) and len(self.train_dataset) == len(dataset):
+                lengths = self.train_dataset["length"]
+            else:
+                import pyarrow.compute as pc
+
+                lengths = pc.list_value_length(dataset.data.column("input_ids")).to_numpy()
+            return LengthGroupedBatches(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        self.args.data_seed or self.args.seed)
 
     return GroupedTrainer
 

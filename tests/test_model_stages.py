@@ -141,3 +141,28 @@ def test_length_grouped_batches_cover_every_row_once_in_random_order():
     assert list(sampler) != first  # a new order each epoch
     sampler.set_epoch(0)
     assert list(sampler) == first  # and the same again for a resumed epoch
+
+
+def test_train_stage_draws_its_batches_from_length_grouped_batches(tmp_path, tiny_bert):
+    from datasets import load_from_disk
+    from transformers import DataCollatorWithPadding
+
+    from stages.modeling import load_classifier, load_tokenizer
+    from stages.train import LengthGroupedBatches, trainer_class, training_arguments
+
+    params, _ = prepared_project(tmp_path, tiny_bert)
+    tokenize.run(params.paths, params.model, params.tokenize)
+    data = load_from_disk(str(params.paths.tokenized_dir / "data"))
+    tokenizer = load_tokenizer(params.paths.tokenized_dir / "tokenizer", params.model)
+    model = load_classifier(params.model.name, params.model, ["business", "sport", "tech"], tokenizer.pad_token_id)
+    trainer = trainer_class()(model=model, args=training_arguments(params.paths, params.train, "cpu"),
+                              train_dataset=data["train"], eval_dataset=data["validation"],
+                              data_collator=DataCollatorWithPadding(tokenizer))
+    loader = trainer.get_train_dataloader()
+    sampler = loader.batch_sampler.sampler  # accelerate wraps the DataLoader; the batch sampler holds ours
+    assert isinstance(sampler, LengthGroupedBatches)
+    assert list(sampler.lengths) == data["train"]["length"]
+    # The DataLoader's batches are the sampler's batches, padded to their longest row.
+    batches = sampler.batches()
+    for batch, indices in zip(loader, batches):
+        assert batch["input_ids"].shape == (len(indices), max(sampler.lengths[indices]))
