@@ -140,7 +140,8 @@ def encode_table(tokenizer, texts: list[str], options: Tokenize):
 
 
 def encode_with_cache(tokenizer, texts: pd.Series, options: Tokenize, cache: memo.TokenCache):
-    """(source table, row -> source position, texts tokenized now): every text's ids from the cache or encoded.
+    """(source table, row -> source position, texts encoded now, rows served by the cache): every text's ids from
+    the cache or encoded.
 
     Texts are identified by a 128-bit hash. Distinct texts are encoded once. Should two different texts ever share
     a 64-bit half of it, the cache is bypassed for the run and every row is encoded.
@@ -163,6 +164,7 @@ def encode_with_cache(tokenizer, texts: pd.Series, options: Tokenize, cache: mem
         print("tokenize: warning: two texts share a 64-bit hash; the cache is bypassed for this run")
         cached, new_rows = memo.TokenCache.empty(), np.arange(len(texts))
         position = np.arange(len(texts), dtype=np.int64)
+        found[:] = False
     else:
         position[missing] = len(c1) + pd.Index(h1[new_rows]).get_indexer(h1[missing])
     ids, full = encode_table(tokenizer, texts.iloc[new_rows].tolist(), options)
@@ -173,7 +175,7 @@ def encode_with_cache(tokenizer, texts: pd.Series, options: Tokenize, cache: mem
         live = np.zeros(source.num_rows, dtype=bool)
         live[position] = True
         cache.update(source, len(c1), live)
-    return source, position, len(new_rows)
+    return source, position, len(new_rows), int(found.sum())
 
 
 def split_dataset(source, position: np.ndarray, labels: list[str], frame: pd.DataFrame, max_length: int):
@@ -219,7 +221,7 @@ def run(paths: Paths, model: Model, options: Tokenize) -> dict:
         tokenizer.save_pretrained(str(saved))
         cache = memo.TokenCache(paths.cache_dir, cache_key(saved, tokenizer, options.max_length))
         texts = pd.concat([f["text"] for f in frames.values()], ignore_index=True)
-        source, position, encoded = encode_with_cache(tokenizer, texts, options, cache)
+        source, position, encoded, hits = encode_with_cache(tokenizer, texts, options, cache)
         datasets, report_splits, start = {}, {}, 0
         for name, frame in frames.items():
             rows = position[start:start + len(frame)]
@@ -241,9 +243,8 @@ def run(paths: Paths, model: Model, options: Tokenize) -> dict:
         "splits": report_splits,
     }
     write_json(paths.tokenize_report, report)
-    reused = len(texts) - encoded
-    print(f"tokenize: {len(texts)} rows: {encoded} texts encoded, {reused} rows from the cache"
-          + ("" if paths.cache_dir else " (paths.cache_dir is null: no cache)"))
+    print(f"tokenize: {len(texts)} rows: {encoded} texts encoded, "
+          + (f"{hits} rows from the cache" if paths.cache_dir else "no cache (paths.cache_dir is null)"))
     for name, stats in report_splits.items():
         print(f"tokenize: {name}: {stats['rows']} rows, p50 {stats.get('p50')} / p95 {stats.get('p95')} tokens, "
               f"{stats.get('truncated_fraction', 0):.1%} truncated at {options.max_length}")
