@@ -166,3 +166,23 @@ def test_train_stage_draws_its_batches_from_length_grouped_batches(tmp_path, tin
     batches = sampler.batches()
     for batch, indices in zip(loader, batches):
         assert batch["input_ids"].shape == (len(indices), max(sampler.lengths[indices]))
+
+
+def test_sampler_lengths_come_from_the_ids_when_there_is_no_length_column(tmp_path, tiny_bert):
+    from datasets import load_from_disk
+    from transformers import DataCollatorWithPadding
+
+    from stages.modeling import load_classifier, load_tokenizer
+    from stages.train import trainer_class, training_arguments
+
+    params, _ = prepared_project(tmp_path, tiny_bert)
+    tokenize.run(params.paths, params.model, params.tokenize)
+    data = load_from_disk(str(params.paths.tokenized_dir / "data"))
+    train = data["train"].remove_columns(["length"]).select(range(len(data["train"]) - 1, -1, -1))  # reversed
+    tokenizer = load_tokenizer(params.paths.tokenized_dir / "tokenizer", params.model)
+    model = load_classifier(params.model.name, params.model, ["business", "sport", "tech"], tokenizer.pad_token_id)
+    trainer = trainer_class()(model=model, args=training_arguments(params.paths, params.train, "cpu"),
+                              train_dataset=train, eval_dataset=data["validation"],
+                              data_collator=DataCollatorWithPadding(tokenizer))
+    sampler = trainer.get_train_dataloader().batch_sampler.sampler
+    assert list(sampler.lengths) == list(reversed(data["train"]["length"]))
