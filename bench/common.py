@@ -77,6 +77,21 @@ def minilm_dir() -> Path:
         raise SystemExit(str(exc)) from None
 
 
+def tiny_bert(folder: Path) -> Path:
+    """A 2-layer, 32-wide BERT with the MiniLM tokenizer, randomly initialised (seed 0), saved as safetensors: train
+    and evaluate finish in seconds. The tests' `tiny_bert` fixture is this model too."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
 def project_params(work: Path, model: Path | str, **sections) -> dict:
     """The project's params.yaml with every path moved under `work`; `sections` update keys section by section."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench import synth
-from bench.common import ROOT, env, minilm_dir, project_params, ratio, write_params
+from bench.common import ROOT, env, minilm_dir, project_params, ratio, tiny_bert, write_params
 
 DATA_STAGES = ("clean", "validate", "split", "tokenize")
 
@@ -169,20 +169,6 @@ def dvc_timed(project: Path, *args: str) -> tuple[float, str, dict[str, float]]:
     return seconds, log, per_stage
 
 
-def tiny_model(folder: Path) -> Path:
-    """A 2-layer, 32-wide BERT with the MiniLM tokenizer: train and evaluate finish in seconds."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
-
 def incremental_bench(work: Path, quick: bool) -> dict:
     """A no-op `dvc repro`, and per size: cold data stages, then the data stages after 1% new rows in a new file."""
     sizes = [10_000] if quick else [100_000, 1_000_000]
@@ -204,7 +190,7 @@ def incremental_at(project: Path, n: int, noop: bool) -> dict:
     project.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
     shutil.copytree(ROOT / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    tiny_model(project / "models/pretrained/tiny-bert")
+    tiny_bert(project / "models/pretrained/tiny-bert")
     raw = project_params(Path("."), "models/pretrained/tiny-bert", train={"epochs": 0.05, "batch_size": 32})
     raw["paths"] = {k: None if v is None else str(Path(v)) for k, v in raw["paths"].items()}
     write_params(project / "params.yaml", raw)

@@ -76,6 +76,16 @@ def _write_atomic(final: Path, write) -> None:
             tmp.unlink()
 
 
+def _remove_other_keys(folder: Path) -> int:
+    """Remove the caches beside `folder`: those made under other keys (params, tokenizer, code); return how many."""
+    removed = 0
+    for other in folder.parent.iterdir() if folder.parent.is_dir() else ():
+        if other != folder:
+            shutil.rmtree(other, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def _warn(stage: str, path: Path, exc: Exception) -> None:
     print(f"{stage}: warning: cache entry {path} is unreadable ({type(exc).__name__}: {exc}); removed, recomputing")
 
@@ -137,11 +147,7 @@ class FileCache:
         """Remove the entries of files that are gone or changed, and caches made under other keys; return how many."""
         if self.dir is None:
             return 0
-        removed = 0
-        for other in self.dir.parent.iterdir() if self.dir.parent.is_dir() else ():
-            if other != self.dir:
-                shutil.rmtree(other, ignore_errors=True)
-                removed += 1
+        removed = _remove_other_keys(self.dir)
         for entry in self.dir.iterdir() if self.dir.is_dir() else ():
             if entry.name not in self.used:
                 shutil.rmtree(entry, ignore_errors=True)
@@ -198,9 +204,7 @@ class TokenCache:
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        for other in self.dir.parent.iterdir():  # the caches of other tokenizers, lengths or code versions
-            if other != self.dir:
-                shutil.rmtree(other, ignore_errors=True)
+        _remove_other_keys(self.dir)
         old = list(self.dir.glob("part-*.arrow"))
         compact = old and live.sum() * 2 < len(live)
         table = source.filter(live) if compact else source.slice(cached_rows)

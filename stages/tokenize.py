@@ -110,9 +110,9 @@ def length_stats(full: np.ndarray, max_length: int) -> dict:
     }
 
 
-def cache_key(saved_tokenizer: Path, tokenizer, max_length: int) -> dict:
+def cache_key(tokenizer_hash: str, tokenizer, max_length: int) -> dict:
     """What token ids depend on: the saved tokenizer, max_length, this module's code and the encoding libraries."""
-    return {"tokenizer": fingerprint(saved_tokenizer), "class": type(tokenizer).__name__, "max_length": max_length,
+    return {"tokenizer": tokenizer_hash, "class": type(tokenizer).__name__, "max_length": max_length,
             "code": memo.source_digest("stages.tokenize"),
             "libraries": memo.library_versions("transformers", "tokenizers")}
 
@@ -219,7 +219,8 @@ def run(paths: Paths, model: Model, options: Tokenize) -> dict:
         # so the saved files would depend on whether anything was encoded (with a warm cache, nothing is).
         saved = Path(folder) / "tokenizer"
         tokenizer.save_pretrained(str(saved))
-        cache = memo.TokenCache(paths.cache_dir, cache_key(saved, tokenizer, options.max_length))
+        tokenizer_hash = fingerprint(saved)  # the folder copied into the output below
+        cache = memo.TokenCache(paths.cache_dir, cache_key(tokenizer_hash, tokenizer, options.max_length))
         texts = pd.concat([f["text"] for f in frames.values()], ignore_index=True)
         source, position, encoded, hits = encode_with_cache(tokenizer, texts, options, cache)
         datasets, report_splits, start = {}, {}, 0
@@ -232,7 +233,6 @@ def run(paths: Paths, model: Model, options: Tokenize) -> dict:
             DatasetDict(datasets).save_to_disk(str(tmp / "data"))
             shutil.copytree(saved, tmp / "tokenizer")
             write_json(tmp / "label_map.json", {"labels": labels, "label2id": {l: i for i, l in enumerate(labels)}})
-            tokenizer_hash = fingerprint(tmp / "tokenizer")
     report = {
         "model": model.name,
         "tokenizer_class": type(tokenizer).__name__,

@@ -55,18 +55,9 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT with the real MiniLM tokenizer, randomly initialised, saved as safetensors."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from bench.common import tiny_bert as build
 
-    out = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    import torch
-
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return out
+    return build(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
