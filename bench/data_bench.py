@@ -44,8 +44,8 @@ def tokenize_bench(work: Path, quick: bool) -> dict:
     import pandas as pd
 
     from stages import clean, split, tokenize, validate
-    from stages.modeling import load_tokenizer
-    from stages.params import parse
+    from sft_pipeline.modeling import load_tokenizer
+    from sft_pipeline.params import parse
 
     cases = {"synthetic_short_texts": (20_000 if quick else 200_000, 64)}
     out = {"repeats": 2 if quick else 3, "cases": {}}
@@ -56,18 +56,18 @@ def tokenize_bench(work: Path, quick: bool) -> dict:
     params = parse(raw)
     params.paths.raw_dir.mkdir(parents=True, exist_ok=True)
     (params.paths.raw_dir / "bbc.csv").write_bytes(bbc_raw("articles"))
-    clean.run(params.paths, params.clean)
-    validate.run(params.paths, params.validate_)
-    split.run(params.paths, params.split)
+    clean.run(params)
+    validate.run(params)
+    split.run(params)
     prepared = {"bbc_articles_256": params}
     for name, (rows, max_length) in cases.items():
         folder = work / name
         raw = project_params(folder, minilm_dir(), tokenize={"max_length": max_length})
         params = parse(raw)
         synth.write_csv(params.paths.raw_dir / "synthetic.csv", rows)
-        clean.run(params.paths, params.clean)
-        validate.run(params.paths, params.validate_)
-        split.run(params.paths, params.split)
+        clean.run(params)
+        validate.run(params)
+        split.run(params)
         prepared[name] = params
     for name, params in prepared.items():
         texts = [t for s in tokenize.SPLITS for t in pd.read_parquet(params.paths.split_dir / f"{s}.parquet")["text"]]
@@ -81,7 +81,7 @@ def tokenize_bench(work: Path, quick: bool) -> dict:
             # lookup instead of an encoding. Writing the cache is part of what is timed.
             shutil.rmtree(params.paths.cache_dir, ignore_errors=True)
             started = time.perf_counter()
-            tokenize.run(params.paths, params.model, params.tokenize)
+            tokenize.run(params)
             stage.append(time.perf_counter() - started)
         # The best of the repeats: the machine is shared, and the minimum is the least disturbed measurement.
         best_call, best_stage = min(call), min(stage)

@@ -1,8 +1,8 @@
 """Run the benchmarks and write bench/results/*.json and bench/results/README.md.
 
-    make bench                                   # everything, about 35 minutes on 2 CPU cores
+    make bench                                   # everything, about 55 minutes on 2 CPU cores
     python -m bench.run --quick                  # smaller sizes and fewer steps, a few minutes
-    python -m bench.run --only train,tokenize    # a subset: train, tokenize, scale, incremental
+    python -m bench.run --only train,tokenize    # a subset: train, tokenize, scale, incremental, strategies
 
 Every benchmark measures its baseline in the same run and reports ratios, because absolute times on a shared
 machine move with its load; the machine is described in each JSON file and in the README.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.common import RESULTS, machine, save
 
-BENCHES = ("train", "tokenize", "scale", "incremental")
+BENCHES = ("train", "tokenize", "scale", "incremental", "strategies")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if name == "train":
                 from bench.train_bench import run
+
+                data = run(work, args.quick)
+            elif name == "strategies":
+                from bench.strategies_bench import run
 
                 data = run(work, args.quick)
             else:
@@ -141,6 +145,24 @@ def write_readme(results: Path) -> None:
             lines.append(f"| {int(n):,} | **all (wall)** | {r['cold_data_stages_s']} "
                          f"| {r['incremental_data_stages_s']} | **{r['incremental_over_cold']}** |")
         lines += ["", f"Goal after +1% <= 0.15 of cold at the largest size: {_mark(t['goal_incremental<=15%'])}", ""]
+    if "strategies" in found:
+        t = found["strategies"]
+        lines += ["## 5. Training strategies (`train.strategy`, one `dvc repro` each after a one-line change)", "",
+                  f"{t['data']}; {t['model']}, {t['epochs']} epochs, batch {t['batch_size']}, max_length "
+                  f"{t['max_length']}; learning rate `auto` (the strategy's own). Times: the train stage on "
+                  "this machine; an epoch is its optimizer steps (validation and checkpoints excluded); freeze's "
+                  "first epoch includes computing the frozen features once.", "",
+                  "| strategy | test macro-F1 | vs full (points) | trainable params | share | learning rate "
+                  "| first epoch s | later epochs s | epoch speed-up vs full (after the first) | train stage s "
+                  "| peak RSS MB | saved MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in t["strategies"]:
+            v = r["vs_full"]
+            lines.append(f"| {r['strategy']} | {r['test_macro_f1']:.4f} | {v['macro_f1_points']:+.2f} "
+                         f"| {r['trainable_params']:,} | {r['trainable_fraction']:.2%} | {r['learning_rate']:g} "
+                         f"| {r['first_epoch_s']} | {r['later_epoch_mean_s']} | {v['epoch_after_first_speedup']}x "
+                         f"| {r['train_stage_s']} | {r['peak_rss_mb']} | {r['saved_mb']} |")
+        lines += ["", "Goals: " + "; ".join(f"{k}: {_mark(v)}" for k, v in t["goals"].items()), ""]
     notes = results / "NOTES.md"
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]

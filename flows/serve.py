@@ -88,8 +88,8 @@ def schedule(root: Path, port: int) -> int:
 
 
 def mlflow_ui(root: Path, port: int) -> int:
-    from stages.params import load
-    from stages.tracking import tracking_uri
+    from sft_pipeline.params import load
+    from sft_pipeline.tracking import tracking_uri
 
     params = load(root / "params.yaml")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(params.paths),
@@ -100,8 +100,8 @@ def mlflow_ui(root: Path, port: int) -> int:
 
 
 def serve_model(root: Path, port: int, alias: str) -> int:
-    from stages.params import load
-    from stages.tracking import tracking_uri
+    from sft_pipeline.params import load
+    from sft_pipeline.tracking import tracking_uri
 
     params = load(root / "params.yaml")
     env = {**quiet_env(root), "MLFLOW_TRACKING_URI": tracking_uri(params.paths)}

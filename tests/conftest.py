@@ -47,7 +47,7 @@ def synthetic_rows(n_per_class: int, seed: int = 0, prefix: str = "r") -> list[d
 
 
 def minilm_dir() -> Path:
-    from stages.import_default import default_model_dir
+    from sft_pipeline.defaults import default_model_dir
 
     return default_model_dir()
 
@@ -100,7 +100,7 @@ def project_params(tmp: Path, model: Path | str = "unused", **overrides) -> dict
                          "save_every_steps": 5, "warmup": 0.0})
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
-        raw[section][key] = value
+        raw.setdefault(section, {})[key] = value
     return raw
 
 
@@ -122,13 +122,13 @@ def write_csv(path: Path, rows: list[dict], columns=("id", "text", "label")) -> 
 
 
 def make_project(root: Path, tiny_model: Path, rows: list[dict] | None = None, **train) -> Path:
-    """A runnable copy of the project (dvc.yaml, stages, params) with tiny data and a tiny model, git and DVC set."""
+    """A runnable copy of the project (dvc.yaml, stages, the library, params) with tiny data and a tiny model, git
+    and DVC set."""
     import shutil
     import subprocess
     import sys
 
-    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_code(root)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["validate"]["labels"] = {"sport": ["sports"], "business": [], "tech": []}
     params["validate"]["min_per_class"] = 10
@@ -145,12 +145,23 @@ def make_project(root: Path, tiny_model: Path, rows: list[dict] | None = None, *
     return root
 
 
+def copy_code(root: Path) -> None:
+    """dvc.yaml, .dvcignore, the stages and the library into a project copy (its stages import the copy)."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, root / name)
+    for package in ("stages", "sft_pipeline"):
+        shutil.copytree(ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+
+
 def prepared_project(tmp_path, model_dir, **overrides):
     """params.yaml for tmp_path and a validated file made of synthetic rows, split and tokenized."""
     import pandas as pd
 
+    from sft_pipeline.params import parse
     from stages import split
-    from stages.params import parse
 
     raw = project_params(tmp_path, model=model_dir, **overrides)
     params = parse(raw)
@@ -158,5 +169,5 @@ def prepared_project(tmp_path, model_dir, **overrides):
                                                    agreement=1.0)
     params.paths.validated.parent.mkdir(parents=True)
     rows.to_parquet(params.paths.validated)
-    split.run(params.paths, params.split)
+    split.run(params)
     return params, write_params(tmp_path, raw)

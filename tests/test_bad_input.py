@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 from stages import clean, validate
-from stages.io import StageError
-from stages.params import parse
+from sft_pipeline.io import StageError
+from sft_pipeline.params import parse
 from tests.conftest import project_params, synthetic_rows, write_csv
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bad_input"
@@ -88,8 +88,8 @@ def project(tmp_path: Path, fixture: str, **overrides):
 
 
 def run_clean_and_validate(params) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
-    clean.run(params.paths, params.clean)
-    validate.run(params.paths, params.validate_)
+    clean.run(params)
+    validate.run(params)
     rejected = pd.concat([pd.read_csv(params.paths.clean_rejected, dtype={"id": "string"}),
                           pd.read_csv(params.paths.validate_rejected, dtype={"id": "string"})], ignore_index=True)
     kept = pd.read_parquet(params.paths.validated)
@@ -168,4 +168,4 @@ def test_unreadable_file_stops_clean_naming_file_and_line(tmp_path, fixture, cap
     # Nothing half-made: no output of the stage exists, so no later stage can take one as complete.
     assert not params.paths.clean.exists() and not params.paths.clean_report.exists()
     with pytest.raises(StageError):
-        clean.run(params.paths, params.clean)
+        clean.run(params)

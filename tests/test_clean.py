@@ -7,14 +7,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sft_pipeline.data.cleaning import drop_duplicates
+from sft_pipeline.data.readers import read_file
+from sft_pipeline.data.text import normalize_text
+from sft_pipeline.io import StageError
+from sft_pipeline.params import parse
+from sft_pipeline.tasks.classification import Classification, Clean
 from stages import clean
-from stages.clean import drop_duplicates, normalize_text
-from stages.io import StageError
-from stages.params import Clean, Columns, parse
-from stages.readers import read_file
 from tests.conftest import project_params, write_params
 
-COLUMNS = Columns()
+TASK = Classification()
+COLUMNS = TASK.fields(Clean())
 
 
 @pytest.mark.parametrize(
@@ -133,10 +136,10 @@ def test_drop_duplicates_keeps_first_and_points_to_it():
         "text": ["same", "same", "same", "", ""], "text_raw": ["same", "same ", "same", "", ""],
         "label": ["x", "x", "y", "x", "x"], "annotator": [None] * 5,
     })
-    kept, rejected = drop_duplicates(frame)
+    kept, rejected = drop_duplicates(frame, *TASK.duplicate_key(frame))
     assert kept["line"].tolist() == [2, 4, 5, 6]  # empty texts are left for validate to reject each
     assert rejected[["line", "reason"]].values.tolist() == [[3, "duplicate"]]
-    assert rejected["detail"].iloc[0] == "same text and label as a.csv:2"
+    assert rejected["detail"].iloc[0] == "same text, label and annotator as a.csv:2"
 
 
 def test_run_accounts_for_every_row(tmp_path):
@@ -149,7 +152,7 @@ def test_run_accounts_for_every_row(tmp_path):
     (raw / "b.jsonl").write_text('{"text": "Chip sales", "label": "tech"}\n{oops\n', encoding="utf-8")
     (raw / ".gitkeep").write_text("")
     params = parse(project_params(tmp_path, clean__fallback_encoding=None))
-    report = clean.run(params.paths, params.clean)
+    report = clean.run(params)
 
     assert report["totals"] == {"files": 2, "rows_read": 6, "kept": 2,
                                 "rejected": {"duplicate": 1, "invalid_json": 1, "malformed_line": 1,

@@ -129,7 +129,7 @@ def test_the_cron_of_params_yaml_schedules_runs_of_the_deployment():
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from stages.params import load
+    from sft_pipeline.params import load
 
     cron = load(ROOT / "params.yaml").watch.cron
 

@@ -3,8 +3,8 @@
 import pandas as pd
 
 from stages import clean, validate
-from stages.import_default import import_data
-from stages.params import parse
+from sft_pipeline.defaults import import_data
+from sft_pipeline.params import parse
 from tests.conftest import ROOT, project_params
 
 
@@ -15,7 +15,7 @@ def test_bbc_import_keeps_the_real_defects_and_every_article_is_accounted_for(tm
     data = target.read_bytes()
     assert data.count(b"\n") >= 2226 and b"\xa315.8m" in data  # the Windows-1252 pound sign, not re-encoded
 
-    report = clean.run(real.paths, real.clean)
+    report = clean.run(real)
     assert report["totals"]["rows_read"] == 2225
     assert report["totals"]["rejected"] == {"duplicate": 100}
     assert report["totals"]["kept"] == 2125
@@ -24,7 +24,7 @@ def test_bbc_import_keeps_the_real_defects_and_every_article_is_accounted_for(tm
     kept = pd.read_parquet(real.paths.clean)
     assert "£15.8m" in kept.loc[kept["id"] == "sports/199", "text"].iloc[0]
 
-    result = validate.run(real.paths, real.validate_)
+    result = validate.run(real)
     assert result["overall"]["rows_read"] == result["kept"] + report["totals"]["rejected"]["duplicate"] \
         + sum(result["rejected"].values()) == 2225
     assert result["classes"] == {"business": 503, "entertainment": 369, "politics": 403, "sport": 503, "tech": 347}

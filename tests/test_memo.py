@@ -1,4 +1,4 @@
-"""The stage caches (stages/memo.py): outputs are byte-identical with a full, empty, damaged or absent cache, and a
+"""The stage caches (sft_pipeline/memo.py): outputs are byte-identical with a full, empty, damaged or absent cache, and a
 warm run only does the work of what is new."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import numpy as np
 import pandas as pd
 
 from tests.conftest import prepared_project, project_params, synthetic_rows, write_csv
-from stages import clean, memo, split, tokenize
-from stages.params import parse
+from sft_pipeline import memo
+from sft_pipeline.encoding import SPLITS
+from stages import clean, split, tokenize
+from sft_pipeline.params import parse
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -34,7 +36,7 @@ def with_cache(params, cache_dir):
 def run_tokenize(params, capsys) -> tuple[int, int]:
     """Run the stage; (rows, texts encoded) as it printed them."""
     capsys.readouterr()
-    tokenize.run(params.paths, params.model, params.tokenize)
+    tokenize.run(params)
     line = next(l for l in capsys.readouterr().out.splitlines() if "texts encoded" in l)
     rows, encoded = line.split(": ")[1].split(" rows")[0], line.split(": ")[2].split(" texts")[0]
     return int(rows), int(encoded)
@@ -44,7 +46,7 @@ def add_validated_rows(params, rows: list[dict]) -> None:
     frame = pd.read_parquet(params.paths.validated)
     extra = pd.DataFrame(rows).assign(source_file="b.csv", line=range(2, 2 + len(rows)), n_votes=1, agreement=1.0)
     pd.concat([frame, extra[frame.columns]], ignore_index=True).to_parquet(params.paths.validated)
-    split.run(params.paths, params.split)
+    split.run(params)
 
 
 def test_token_cache_warm_run_encodes_nothing_and_writes_identical_files(tmp_path, tiny_bert, capsys):
@@ -72,13 +74,13 @@ def test_token_cache_encodes_only_new_texts_and_matches_a_cold_run(tmp_path, tin
     # One new text twice (validate keeps such rows when annotators agree): encoded once.
     add_validated_rows(params, new + [dict(new[0], id="again")])
     capsys.readouterr()
-    tokenize.run(params.paths, params.model, params.tokenize)
+    tokenize.run(params)
     assert "133 rows: 12 texts encoded, 120 rows from the cache" in capsys.readouterr().out
     warm = tokenize_outputs(params)
     assert len(list(params.paths.cache_dir.glob("tokenize/*/part-*.arrow"))) == 2
 
     capsys.readouterr()
-    tokenize.run(with_cache(params, None).paths, params.model, params.tokenize)
+    tokenize.run(with_cache(params, None))
     assert "133 rows: 132 texts encoded, no cache (paths.cache_dir is null)" in capsys.readouterr().out
     assert tokenize_outputs(params) == warm
 
@@ -94,12 +96,12 @@ def test_token_cache_is_keyed_by_max_length_and_compacted(tmp_path, tiny_bert, c
 
     # Keep under half of the rows (a third of train, all of validation and test, so every class keeps every split):
     # the cache is rewritten as one shard holding only those.
-    parts = {name: pd.read_parquet(params.paths.split_dir / f"{name}.parquet") for name in tokenize.SPLITS}
+    parts = {name: pd.read_parquet(params.paths.split_dir / f"{name}.parquet") for name in SPLITS}
     parts["train"] = parts["train"].iloc[: len(parts["train"]) // 3]
     kept = pd.concat(parts.values(), ignore_index=True)
     assert len(kept) < 60
     kept.to_parquet(params.paths.validated)
-    split.run(params.paths, params.split)
+    split.run(params)
     assert run_tokenize(longer, capsys) == (len(kept), 0)
     shards = list(params.paths.cache_dir.glob("tokenize/*/part-*.arrow"))
     assert len(shards) == 1
@@ -114,7 +116,7 @@ def test_damaged_token_cache_is_recomputed(tmp_path, tiny_bert, capsys):
     reference = tokenize_outputs(params)
     shard = next(params.paths.cache_dir.glob("tokenize/*/part-*.arrow"))
     shard.write_bytes(b"not arrow at all")
-    tokenize.run(params.paths, params.model, params.tokenize)
+    tokenize.run(params)
     out = capsys.readouterr().out
     assert f"cache entry {shard} is unreadable" in out and "120 texts encoded" in out
     assert tokenize_outputs(params) == reference
@@ -131,7 +133,7 @@ def test_hash_collision_bypasses_the_token_cache(tmp_path, tiny_bert, capsys, mo
         return np.zeros_like(h1), h2  # every text shares its first half
 
     monkeypatch.setattr(memo, "text_hashes", colliding)
-    tokenize.run(params.paths, params.model, params.tokenize)
+    tokenize.run(params)
     out = capsys.readouterr().out
     assert "cache is bypassed" in out and "120 texts encoded" in out
     assert tokenize_outputs(params) == reference
@@ -169,7 +171,7 @@ def clean_outputs(params) -> dict:
 def run_clean(params, capsys) -> int:
     """Run clean; how many files it took from the cache."""
     capsys.readouterr()
-    clean.run(params.paths, params.clean)
+    clean.run(params)
     line = next((l for l in capsys.readouterr().out.splitlines() if "taken from the cache" in l), None)
     return -1 if line is None else int(line.split(": ")[1].split(" of ")[0])
 
@@ -223,6 +225,6 @@ def test_damaged_clean_cache_entry_is_recomputed(tmp_path, capsys):
     reference = clean_outputs(params)
     entry = next(p for p in params.paths.cache_dir.glob("clean/*/*") if (p / "rows.parquet").is_file())
     (entry / "rows.parquet").write_bytes(b"PAR1 damaged")
-    clean.run(params.paths, params.clean)
+    clean.run(params)
     assert f"cache entry {entry} is unreadable" in capsys.readouterr().out
     assert clean_outputs(params) == reference

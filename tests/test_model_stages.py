@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from safetensors import safe_open
 
+from sft_pipeline.encoding import encode
+from sft_pipeline.tasks.classification import classification_summary, confident_errors
+from sft_pipeline.training import history_frames, prepare_checkpoints
 from stages import evaluate, tokenize, train
-from stages.evaluate import classification_summary, confident_errors
-from stages.tokenize import encode
-from stages.train import history_frames, prepare_checkpoints
 from tests.conftest import minilm_dir, prepared_project
 
 
@@ -119,7 +119,7 @@ def test_train_and_evaluate_main(tmp_path, request, model_fixture):
 
 
 def test_length_grouped_batches_cover_every_row_once_in_random_order():
-    from stages.train import LengthGroupedBatches
+    from sft_pipeline.training import LengthGroupedBatches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 60, 1000)
@@ -143,19 +143,27 @@ def test_length_grouped_batches_cover_every_row_once_in_random_order():
     assert list(sampler) == first  # and the same again for a resumed epoch
 
 
+def tiny_classifier(params):
+    from sft_pipeline import tasks
+    from sft_pipeline.modeling import load_pretrained, load_tokenizer
+
+    tokenizer = load_tokenizer(params.paths.tokenized_dir / "tokenizer", params.model)
+    task = tasks.get(params)
+    kwargs = task.model_kwargs({"labels": ["business", "sport", "tech"]}, tokenizer)
+    return tokenizer, load_pretrained(params.model.name, params.model, task.auto_class, kwargs)[0]
+
+
 def test_train_stage_draws_its_batches_from_length_grouped_batches(tmp_path, tiny_bert):
     from datasets import load_from_disk
     from transformers import DataCollatorWithPadding
 
-    from stages.modeling import load_classifier, load_tokenizer
-    from stages.train import LengthGroupedBatches, trainer_class, training_arguments
+    from sft_pipeline.training import LengthGroupedBatches, trainer_class, training_arguments
 
     params, _ = prepared_project(tmp_path, tiny_bert)
-    tokenize.run(params.paths, params.model, params.tokenize)
+    tokenize.run(params)
     data = load_from_disk(str(params.paths.tokenized_dir / "data"))
-    tokenizer = load_tokenizer(params.paths.tokenized_dir / "tokenizer", params.model)
-    model = load_classifier(params.model.name, params.model, ["business", "sport", "tech"], tokenizer.pad_token_id)
-    trainer = trainer_class()(model=model, args=training_arguments(params.paths, params.train, "cpu"),
+    tokenizer, model = tiny_classifier(params)
+    trainer = trainer_class()(model=model, args=training_arguments(params.paths, params.train, "cpu", "macro_f1"),
                               train_dataset=data["train"], eval_dataset=data["validation"],
                               data_collator=DataCollatorWithPadding(tokenizer))
     loader = trainer.get_train_dataloader()
@@ -172,16 +180,14 @@ def test_sampler_lengths_come_from_the_ids_when_there_is_no_length_column(tmp_pa
     from datasets import load_from_disk
     from transformers import DataCollatorWithPadding
 
-    from stages.modeling import load_classifier, load_tokenizer
-    from stages.train import trainer_class, training_arguments
+    from sft_pipeline.training import trainer_class, training_arguments
 
     params, _ = prepared_project(tmp_path, tiny_bert)
-    tokenize.run(params.paths, params.model, params.tokenize)
+    tokenize.run(params)
     data = load_from_disk(str(params.paths.tokenized_dir / "data"))
     train = data["train"].remove_columns(["length"]).select(range(len(data["train"]) - 1, -1, -1))  # reversed
-    tokenizer = load_tokenizer(params.paths.tokenized_dir / "tokenizer", params.model)
-    model = load_classifier(params.model.name, params.model, ["business", "sport", "tech"], tokenizer.pad_token_id)
-    trainer = trainer_class()(model=model, args=training_arguments(params.paths, params.train, "cpu"),
+    tokenizer, model = tiny_classifier(params)
+    trainer = trainer_class()(model=model, args=training_arguments(params.paths, params.train, "cpu", "macro_f1"),
                               train_dataset=train, eval_dataset=data["validation"],
                               data_collator=DataCollatorWithPadding(tokenizer))
     sampler = trainer.get_train_dataloader().batch_sampler.sampler

@@ -23,10 +23,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from sft_pipeline import training
+from sft_pipeline.io import StageError
+from sft_pipeline.params import Model, parse
 from stages import clean, evaluate, split, tokenize, train, validate
-from stages.io import StageError
-from stages.params import Model, parse
-from tests.conftest import ROOT, project_params, synthetic_rows, write_csv
+from tests.conftest import ROOT, copy_code, project_params, synthetic_rows, write_csv
 from tests.test_pipeline import dvc, ran_stages
 
 # Resumed and uninterrupted runs see the same batches in the same order (the Trainer restores the RNG states and
@@ -40,10 +41,9 @@ def files_digest(folder: Path) -> dict[str, str]:
 
 
 def make_project(root: Path, model_dir: Path, rows: list[dict], **overrides) -> Path:
-    """A copy of the project (dvc.yaml, stages/, params.yaml with tiny settings) with `rows` as its raw data."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    """A copy of the project (dvc.yaml, stages/, sft_pipeline/, params.yaml with tiny settings) with `rows` as its raw
+    data."""
+    copy_code(root)
     raw = project_params(Path("."), model="models/pretrained/tiny-bert", **overrides)
     raw["paths"] = {key: str(Path(value)) for key, value in raw["paths"].items()}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -60,13 +60,13 @@ def reference_run(root: Path, model_dir: Path, rows: list[dict], through: str = 
     raw = project_params(root, model=model_dir, **overrides)
     params = parse(raw)
     write_csv(params.paths.raw_dir / "batch1.csv", rows)
-    clean.run(params.paths, params.clean)
-    validate.run(params.paths, params.validate_)
-    split.run(params.paths, params.split)
-    tokenize.run(params.paths, params.model, params.tokenize)
+    clean.run(params)
+    validate.run(params)
+    split.run(params)
+    tokenize.run(params)
     if through == "evaluate":
-        train.run(params.paths, params.model, params.train)
-        evaluate.run(params.paths, params.model, params.evaluate)
+        train.run(params, track=False)
+        evaluate.run(params, track=False)
     return params
 
 
@@ -93,12 +93,17 @@ def complete_checkpoints(folder: Path) -> list[int]:
 # ---------------------------------------------------------------------------------------------- kill and resume
 
 TRAIN = {"train__epochs": 3, "train__batch_size": 8, "train__save_every_steps": 10}
+# LoRA checkpoints hold the adapter and the optimizer state of its weights only.
+STRATEGIES = {"full": {}, "lora": {"train__strategy": "lora", "train__learning_rate": 1e-2,
+                                   "train__lora": {"r": 4, "alpha": 8}}}
 
 
 @pytest.mark.slow
-def test_train_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path, tiny_bert):
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_train_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path, tiny_bert, strategy):
     rows = synthetic_rows(160, seed=21)
-    root = make_project(tmp_path / "project", tiny_bert, rows, **TRAIN)
+    settings = {**TRAIN, **STRATEGIES[strategy]}
+    root = make_project(tmp_path / "project", tiny_bert, rows, **settings)
     dvc(root, "repro", "tokenize")
     train_rows = json.loads((root / "reports/split.json").read_text())["rows"]["train"]
     per_epoch = -(-train_rows // 8)
@@ -115,6 +120,11 @@ def test_train_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path, tiny_
     last = complete_checkpoints(checkpoints)[-1]
     assert 0 < last < total
     assert not (root / "reports/train.json").exists()
+    saved = {p.name for p in (checkpoints / f"checkpoint-{last}").iterdir()}
+    if strategy == "lora":
+        assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved, saved
+    else:
+        assert "model.safetensors" in saved
 
     result = dvc(root, "repro")
     assert ran_stages(result.stdout) == ["train", "evaluate"]
@@ -124,7 +134,7 @@ def test_train_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path, tiny_
     assert resumed_at >= last and resumed_at > 0
     assert report["global_steps"] == total
 
-    reference = reference_run(tmp_path / "reference", tiny_bert, rows, **TRAIN)
+    reference = reference_run(tmp_path / "reference", tiny_bert, rows, **settings)
     expected = json.loads(reference.paths.train_report.read_text())
     assert expected["resumed_from"] is None and expected["global_steps"] == total
     assert report["best_validation_macro_f1"] == pytest.approx(expected["best_validation_macro_f1"],
@@ -143,12 +153,12 @@ def test_train_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path, tiny_
 
 def test_a_half_written_checkpoint_is_not_resumed(tmp_path):
     folder = tmp_path / "ck"
-    train.prepare_checkpoints(folder, {"train": 1})
+    training.prepare_checkpoints(folder, {"train": 1})
     (folder / "checkpoint-10").mkdir()
     (folder / "checkpoint-10" / "trainer_state.json").write_text("{}")
     (folder / "checkpoint-20").mkdir()  # killed while saving: weights may be there, trainer_state.json is not
     (folder / "checkpoint-20" / "model.safetensors").write_bytes(b"partial")
-    assert train.prepare_checkpoints(folder, {"train": 1}).endswith("checkpoint-10")
+    assert training.prepare_checkpoints(folder, {"train": 1}).endswith("checkpoint-10")
     assert not (folder / "checkpoint-20").exists()
 
 
@@ -215,7 +225,8 @@ def test_two_cold_runs_give_identical_data_and_metrics(tmp_path, tiny_bert):
 def test_remote_code_is_off_by_default_and_passed_to_every_loader(monkeypatch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from stages import modeling
+    from sft_pipeline import modeling
+    from sft_pipeline.modeling import load_pretrained
 
     assert Model(name="x").trust_remote_code is False
     assert yaml.safe_load((ROOT / "params.yaml").read_text())["model"]["trust_remote_code"] is False
@@ -232,7 +243,7 @@ def test_remote_code_is_off_by_default_and_passed_to_every_loader(monkeypatch):
     monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", capture)
     for allowed in (False, True):
         for load in (lambda m: modeling.load_tokenizer("x", m),
-                     lambda m: modeling.load_classifier("x", m, ["a", "b"], 0)):
+                     lambda m: load_pretrained("x", m, "AutoModelForSequenceClassification", {"num_labels": 2})):
             with pytest.raises(Stop):
                 load(Model(name="x", trust_remote_code=allowed))
     assert seen == [False, False, True, True]
@@ -252,15 +263,16 @@ def test_a_model_that_needs_remote_code_is_refused_and_its_code_never_runs(tmp_p
                                                   "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
     (folder / "modeling_evil.py").write_text(payload)
     with pytest.raises(StageError, match="cannot load"):
-        from stages.modeling import load_classifier
+        from sft_pipeline.modeling import load_pretrained
 
-        load_classifier(folder, Model(name=str(folder)), ["a", "b"], 0)
+        load_pretrained(folder, Model(name=str(folder)), "AutoModelForSequenceClassification", {"num_labels": 2})
     assert not marker.exists()
 
 
 def test_no_service_listens_beyond_localhost():
     """Servers the project starts (flows/serve.py and anything later) bind to 127.0.0.1, never to all interfaces."""
-    sources = [*ROOT.glob("stages/*.py"), *ROOT.glob("flows/*.py"), ROOT / "Makefile", ROOT / "params.yaml",
+    sources = [*ROOT.glob("stages/*.py"), *ROOT.glob("sft_pipeline/**/*.py"), *ROOT.glob("flows/*.py"),
+               ROOT / "Makefile", ROOT / "params.yaml",
                ROOT / "dvc.yaml"]
     wide = re.compile(r"0\.0\.0\.0|\"::\"|'::'|--host[= ]+(?!\$|\"\$|127\.0\.0\.1|localhost)[\w.:]+")
     offenders = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in sources if p.is_file()

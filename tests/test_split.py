@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 
 from stages import split
-from stages.io import StageError
-from stages.params import Split, parse
-from stages.split import assign_splits, hash_unit
+from sft_pipeline.io import StageError
+from sft_pipeline.params import Split, parse
+from sft_pipeline.data.splitting import assign_splits, hash_unit
 from tests.conftest import project_params
 
 OPTIONS = Split()
@@ -28,7 +28,7 @@ def test_hash_is_fixed_for_a_text_and_seed():
 
 def test_ratios_hold_within_each_class():
     data = frame(20_000)
-    assigned = assign_splits(data, OPTIONS)
+    assigned = assign_splits(data["text"], OPTIONS)
     shares = pd.crosstab(data["label"], assigned, normalize="index")
     for name, ratio in OPTIONS.ratios.items():
         assert shares[name].between(ratio - 0.015, ratio + 0.015).all(), shares
@@ -37,8 +37,8 @@ def test_ratios_hold_within_each_class():
 def test_adding_rows_never_moves_existing_rows():
     before = frame(1000)
     after = pd.concat([before, frame(300, start=5000)], ignore_index=True).sample(frac=1, random_state=1)
-    a = assign_splits(before, OPTIONS)
-    b = assign_splits(after, OPTIONS)
+    a = assign_splits(before["text"], OPTIONS)
+    b = assign_splits(after["text"], OPTIONS)
     moved = (b.loc[before.index] != a).sum()
     assert moved == 0
 
@@ -49,7 +49,7 @@ def test_run_writes_three_files_and_class_counts(tmp_path):
         source_file="a.csv", line=range(600), id=None, n_votes=1, agreement=1.0)
     params.paths.validated.parent.mkdir(parents=True)
     data.to_parquet(params.paths.validated)
-    report = split.run(params.paths, params.split)
+    report = split.run(params)
     parts = {name: pd.read_parquet(params.paths.split_dir / f"{name}.parquet") for name in OPTIONS.ratios}
     assert sum(len(p) for p in parts.values()) == 600
     assert report["rows"] == {name: len(p) for name, p in parts.items()}
@@ -67,4 +67,4 @@ def test_a_class_missing_from_a_split_is_an_error(tmp_path):
     params.paths.validated.parent.mkdir(parents=True)
     data.to_parquet(params.paths.validated)
     with pytest.raises(StageError, match="class 'rare' has no row in"):
-        split.run(params.paths, params.split)
+        split.run(params)

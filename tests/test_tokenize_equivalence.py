@@ -2,7 +2,7 @@
 
 import pytest
 
-from stages.tokenize import _encode_via_call, encode
+from sft_pipeline.encoding import _encode_via_call, encode
 from tests.conftest import minilm_dir
 
 TEXTS = ["short one", "word " * 300, "", " ", "[CLS] [SEP] [PAD] special tokens as text", "日本語のテキスト、句読点。",

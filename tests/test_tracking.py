@@ -13,15 +13,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from stages import evaluate, tokenize, train
-from stages.params import Mlflow
-from stages.tracking import CHALLENGER, CHAMPION, flatten, promote, promotion_decision, use_store
+from sft_pipeline.params import Mlflow
+from sft_pipeline.tracking import CHALLENGER, CHAMPION, flatten, promote, promotion_decision, use_store
 from tests.conftest import prepared_project
 
 
 def test_the_store_choice_does_not_leak_into_the_environment(tmp_path):
     import os
 
-    from stages.params import parse
+    from sft_pipeline.params import parse
     from tests.conftest import project_params
 
     paths = parse(project_params(tmp_path)).paths

@@ -5,10 +5,12 @@ import json
 import pandas as pd
 import pytest
 
+from sft_pipeline.data.labels import annotator_agreement, resolve_votes, synonym_map
+from sft_pipeline.data.validation import validate_rows
+from sft_pipeline.io import StageError
+from sft_pipeline.params import parse
+from sft_pipeline.tasks.classification import Classification, Validate
 from stages import clean, validate
-from stages.io import StageError
-from stages.params import Validate, parse
-from stages.validate import annotator_agreement, resolve_votes, synonym_map, validate_frame
 from tests.conftest import project_params, synthetic_rows, write_csv, write_params
 
 OPTIONS = Validate(labels={"positive": ["pos", "积极", "POSITIVE"], "negative": ["neg"]}, min_chars=3, max_chars=40,
@@ -39,7 +41,7 @@ def test_synonyms_map_case_insensitively():
 def test_row_checks_each_get_a_reason():
     rows = [("fine text", " POSITIVE "), ("other text", "积极"), ("unknown one", "meh"), ("no label", ""),
             ("", "neg"), ("ab", "neg"), ("x" * 41, "neg"), ("good enough", "neg")]
-    kept, rejected, report = validate_frame(frame(rows), OPTIONS)
+    kept, rejected, report = validate_rows(Classification(), frame(rows), OPTIONS)
     assert kept[["text", "label"]].values.tolist() == [
         ["fine text", "positive"], ["other text", "positive"], ["good enough", "negative"]]
     assert dict(zip(rejected["line"], rejected["reason"])) == {
@@ -98,7 +100,7 @@ def make_clean_outputs(tmp_path, rows, **overrides):
     raw = project_params(tmp_path, **overrides)
     write_csv(tmp_path / "data" / "raw" / "a.csv", rows)
     params = parse(raw)
-    clean.run(params.paths, params.clean)
+    clean.run(params)
     return params, write_params(tmp_path, raw)
 
 
@@ -106,7 +108,7 @@ def test_run_writes_reports_and_keeps_accounting(tmp_path):
     rows = synthetic_rows(12) + [{"id": "x1", "text": "Unknown label text here", "label": "weather"},
                                  {"id": "x2", "text": "Sports synonym text", "label": "sports"}]
     params, _ = make_clean_outputs(tmp_path, rows)
-    report = validate.run(params.paths, params.validate_)
+    report = validate.run(params)
     assert report["passed"] and report["classes"] == {"sport": 13, "business": 12, "tech": 12}
     assert report["rejected"] == {"unknown_label": 1}
     assert report["overall"]["rows_read"] == 38 == report["kept"] + 1
@@ -130,4 +132,4 @@ def test_reject_fraction_threshold(tmp_path):
     rows = synthetic_rows(12) + [{"id": f"u{i}", "text": f"Unlabelled example {i}", "label": "??"} for i in range(4)]
     params, _ = make_clean_outputs(tmp_path, rows, validate__max_reject_fraction=0.05)
     with pytest.raises(StageError, match=r"4 of 40 rows \(10.0%\) were rejected.*a.csv: 4 of 40 rows \(unknown_label: 4\)"):
-        validate.run(params.paths, params.validate_)
+        validate.run(params)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("stages")
+log = logging.getLogger("sft_pipeline")
 
 # One schema for every rejected-rows file: where the row came from, why it stops, and its original text.
 REJECTED_COLUMNS = ["source_file", "line", "id", "reason", "detail", "text"]
@@ -90,7 +90,7 @@ def read_json(path: Path) -> Any:
 def run_main(run: Callable[[], Any]) -> int:
     """Run a stage body: user-facing errors become one clear message on stderr and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    from stages.params import ParamsError
+    from sft_pipeline.params import ParamsError
 
     try:
         run()
@@ -104,7 +104,7 @@ def stage_main(argv: list[str] | None, doc: str, call: Callable[[Any], Any]) -> 
     """The `main` of every stage: parse `--params`, load it, `call(params)`, map user errors to exit status 1."""
     import argparse
 
-    from stages.params import add_params_argument, load
+    from sft_pipeline.params import add_params_argument, load
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     add_params_argument(parser)

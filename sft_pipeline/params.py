@@ -1,16 +1,19 @@
-"""Typed, frozen view of `params.yaml`.
+"""Typed, frozen view of `params.yaml`: the sections every task shares, and one variant per task.
 
 Every section is a pydantic model with ``extra="forbid"``: a typo such as ``trian.epochs`` or ``clean.lowercse`` is an
-error that names the key, never a silently ignored setting. Only a stage's ``main`` calls :func:`load`; ``run`` takes
-the typed object.
+error that names the key, never a silently ignored setting. The file is a discriminated union on ``task.type``: each
+task (``sft_pipeline.tasks``) declares its own variant of the sections whose settings depend on it (what columns
+clean reads, what validate checks, ...), so a setting of another task is an error too. ``train.strategy`` chooses how
+the model is adapted; the options block of a strategy other than the chosen one is an error. Only a stage's ``main``
+calls :func:`load`; ``run`` takes the typed object.
 
-    python -m stages.params            # validate params.yaml and print it back
+    python -m sft_pipeline.params                    # check params.yaml and print it back, defaults filled in
+    python -m sft_pipeline.params --params my.yaml
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Literal
@@ -19,6 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
+DEFAULT_TASK = "classification"
+STRATEGIES = ("full", "freeze", "lora", "prompt_tuning")
 
 
 class Section(BaseModel):
@@ -55,25 +60,19 @@ class Paths(Section):
     promotion: Path
     watch_state: Path
     pipeline_lock: Path
-    # Memo of per-file (clean) and per-text (tokenize) results between runs; null turns it off (stages/memo.py).
+    # Memo of per-file (clean) and per-text (tokenize) results between runs; null turns it off (sft_pipeline/memo.py).
     cache_dir: Path | None = None
 
 
-class Columns(Section):
-    """Column (or JSON key) names in the annotation files. `id` and `annotator` are optional in the files."""
+class Task(Section):
+    """Which task the pipeline learns; each task narrows `type` to its own name and may add settings."""
 
-    text: str = "text"
-    label: str = "label"
-    id: str = "id"
-    annotator: str = "annotator"
+    type: str = DEFAULT_TASK
 
 
 class Clean(Section):
-    columns: Columns = Columns()
     # Tried only for a line (CSV/TSV/JSONL) or value (Parquet) that is not valid UTF-8; null rejects such rows.
     fallback_encoding: str | None = None
-    lowercase: bool = False
-    remove_punctuation: bool = False
 
     @field_validator("fallback_encoding")
     @classmethod
@@ -89,21 +88,13 @@ class Clean(Section):
 
 
 class Validate(Section):
-    # canonical label -> synonyms; matching is case-insensitive after NFKC and whitespace trimming.
-    labels: dict[str, list[str]]
     min_chars: int = Field(1, ge=1)
     max_chars: int = Field(50_000, ge=1)
-    conflict_policy: Literal["majority", "drop"] = "majority"
-    # Share of the votes the winning label needs; ties never win.
-    min_agreement: float = Field(0.5, gt=0, le=1)
-    min_per_class: int = Field(10, ge=1)
     # Share of the rows read that may be rejected for quality reasons (duplicates and merged votes do not count).
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _labels_well_formed(self) -> "Validate":
-        if len(self.labels) < 2:
-            raise ValueError("labels: declare at least two classes")
+    def _lengths(self) -> "Validate":
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
         return self
@@ -135,13 +126,62 @@ class Tokenize(Section):
     batch_size: int = Field(1000, ge=1)
 
 
+class Freeze(Section):
+    """`freeze`: the pretrained model stays as it is; the new head trains, and the top `trainable_layers` blocks."""
+
+    trainable_layers: int = Field(0, ge=0)
+    # With nothing below the head training, the backbone's output for a row never changes: compute it once (in eval
+    # mode, so without dropout) and train the head on it for every epoch. false: run the frozen backbone every step.
+    cache_features: bool = True
+
+
+class Lora(Section):
+    """`lora`: peft LoRA adapters on `target_modules`; the new head (if the task has one) trains in full."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    # "all-linear" (peft: every linear layer but the output head) or a list of module names, e.g. [query, value].
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module, or use 'all-linear'")
+        return value
+
+
+class PromptTuning(Section):
+    """`prompt_tuning`: peft soft prompt of `num_virtual_tokens` in front of every input; the model stays frozen
+    (a classifier's new head trains too, since it starts random)."""
+
+    num_virtual_tokens: int = Field(20, ge=1)
+    # Text whose token embeddings start the prompt (repeated or cut to num_virtual_tokens); null: random.
+    init_text: str | None = None
+
+    @field_validator("init_text")
+    @classmethod
+    def _not_blank(cls, value):
+        if value is not None and not value.strip():
+            raise ValueError("is blank; give a text or null")
+        return value
+
+
 class Train(Section):
     seed: int = 42
+    # How the model is adapted: full | freeze | lora | prompt_tuning. Options go in the block of the same name.
+    strategy: Literal["full", "freeze", "lora", "prompt_tuning"] = "full"
+    freeze: Freeze | None = None
+    lora: Lora | None = None
+    prompt_tuning: PromptTuning | None = None
     epochs: float = Field(3, gt=0)
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
+    # auto: the strategy's own (sft_pipeline.strategies.AUTO_LEARNING_RATE): a new head alone or a soft prompt needs
+    # a rate 100x that of full fine-tuning. A number applies to any strategy.
+    learning_rate: float | Literal["auto"] = "auto"
     weight_decay: float = Field(0.01, ge=0)
     # < 1: fraction of the optimizer steps; >= 1: a number of steps.
     warmup: float = Field(0.1, ge=0)
@@ -155,17 +195,38 @@ class Train(Section):
     # auto: bf16 autocast on a GPU that supports it, fp32 otherwise.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
+    @field_validator("learning_rate")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError("must be > 0, or auto")
+        return value
+
+    @model_validator(mode="after")
+    def _options_of_the_chosen_strategy_only(self) -> "Train":
+        for name in STRATEGIES:
+            if name != self.strategy and getattr(self, name, None) is not None:
+                raise ValueError(f"train.{name}: options of strategy {name!r}, but train.strategy is "
+                                 f"{self.strategy!r}; remove the block or set train.strategy: {name}")
+        return self
+
+    def options(self) -> Section | None:
+        """The chosen strategy's options, its defaults where the block is absent (full has none)."""
+        defaults = {"freeze": Freeze, "lora": Lora, "prompt_tuning": PromptTuning}
+        if self.strategy not in defaults:
+            return None
+        return getattr(self, self.strategy) or defaults[self.strategy]()
+
 
 class Evaluate(Section):
     batch_size: int = Field(64, ge=1)
-    top_errors: int = Field(20, ge=0)
 
 
 class Mlflow(Section):
     experiment: str = "sft-pipeline"
-    registered_model: str = "sft-classifier"
+    registered_model: str = "sft-model"
     # A new version becomes `champion` when its metric >= the champion's + margin; otherwise it is `challenger`.
-    promotion_metric: str = "test_macro_f1"
+    promotion_metric: str = "test_loss"
     promotion_margin: float = 0.0
 
 
@@ -177,9 +238,12 @@ class Watch(Section):
 
 
 class Params(Section):
+    """What every task's params have; a task's variant (``tasks.<name>.Params``) narrows the sections it shapes."""
+
     paths: Paths
+    task: Task = Task()
     clean: Clean = Clean()
-    validate_: Validate = Field(alias="validate")
+    validate_: Validate = Field(Validate(), alias="validate")
     split: Split = Split()
     model: Model
     tokenize: Tokenize = Tokenize()
@@ -190,30 +254,33 @@ class Params(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
 
-    @model_validator(mode="after")
-    def _enough_per_class_for_every_split(self) -> "Params":
-        smallest = min(self.split.ratios.values())
-        needed = math.ceil(1 / smallest - 1e-9)
-        if self.validate_.min_per_class < needed:
-            raise ValueError(
-                f"validate.min_per_class = {self.validate_.min_per_class} is too small for the split ratio "
-                f"{smallest}: a class needs about {needed} rows to reach every split"
-            )
-        return self
-
 
 class ParamsError(ValueError):
     """params.yaml is missing, unreadable or does not match the schema."""
 
 
+def _describe(err: dict, task: str) -> str:
+    key = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"  {key}: unknown key (a typo, or not a setting of task.type {task!r})"
+    message = err["msg"].removeprefix("Value error, ")
+    # A check across keys names them itself ("train.lora: ..."); a check of one value gets its key in front.
+    return f"  {message}" if not key or message.startswith(f"{key}.") else f"  {key}: {message}"
+
+
 def parse(raw: dict, source: str = "params.yaml") -> Params:
+    """The task's params variant for `raw`; every problem, each with its key, in one ParamsError."""
+    from sft_pipeline import tasks
+
+    section = raw.get("task", {}) if isinstance(raw, dict) else {}
+    task = section.get("type", DEFAULT_TASK) if isinstance(section, dict) else None
+    if task not in tasks.TASKS:
+        raise ParamsError(f"{source}: invalid parameters\n  task.type: {task!r} is not a task; choose one of "
+                          f"{', '.join(sorted(tasks.TASKS))}")
     try:
-        return Params.model_validate(raw)
+        return tasks.TASKS[task].params.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            key = ".".join(str(part) for part in err["loc"])
-            lines.append(f"  {key}: {err['msg']}")
+        lines = [_describe(err, task) for err in exc.errors()]
         raise ParamsError(f"{source}: invalid parameters\n" + "\n".join(lines)) from None
 
 
@@ -222,7 +289,10 @@ def load(path: Path | str = DEFAULT_PARAMS) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: not found (run from the project root or pass --params)")
     with path.open(encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     return parse(raw, str(path))
@@ -241,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
+    print(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True))
     return 0
 
 

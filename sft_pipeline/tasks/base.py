@@ -1,0 +1,156 @@
+"""The task interface: everything the six stages ask of a task, in the order they ask it.
+
+A task decides what a row is and how it is learnt: which fields clean reads and how it normalises them, what validate
+checks, what split hashes, how tokenize encodes a row, which model class train builds and how it collates and scores
+batches, what evaluate measures, and what the served model takes and answers. Everything else (reading files, row
+accounting, quarantine, the split, caches, the training loop and strategies, MLflow, the registry) is the same for
+every task and lives outside it. The stages hold no `if task == ...`: they call these methods.
+
+Adding a task is adding a module with a subclass of :class:`Task` and its params variant, and listing it in
+``sft_pipeline.tasks.TASKS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from sft_pipeline import memo
+    from sft_pipeline.data.readers import Field
+    from sft_pipeline.params import Params
+
+
+@dataclass
+class Encoded:
+    """What tokenize writes for a task: one `datasets.Dataset` per split (`input_ids`, `labels`, `length`, ...),
+    the task's metadata (``task.json``: what train and evaluate need to rebuild the model, e.g. the label names),
+    and the task's part of ``reports/tokenize.json``; how many texts were encoded now and how many rows the cache
+    served (printed, not reported: the reports must not depend on the cache)."""
+
+    datasets: dict[str, Any]
+    meta: dict
+    report: dict
+    texts_encoded: int = 0
+    rows_from_cache: int = 0
+
+
+@dataclass
+class Evaluation:
+    """What evaluate writes for a task: `metrics` is the DVC metrics file as it is, `details` the evaluation report,
+    `predictions` one row per test row, `mlflow_metrics` the same numbers under flat MLflow names, and `figures`
+    image files for the MLflow run (file name -> function that draws it at a path)."""
+
+    metrics: dict
+    details: dict
+    predictions: "pd.DataFrame"
+    mlflow_metrics: dict[str, float]
+    figures: dict[str, Callable[[str], None]] = field(default_factory=dict)
+    summary: str = ""
+
+
+class Task(ABC):
+    """One task: a recipe for rows, a model class, metrics and a served model."""
+
+    #: ``task.type`` in params.yaml
+    name: ClassVar[str]
+    #: the task's params variant (a subclass of sft_pipeline.params.Params)
+    params: ClassVar[type["Params"]]
+    #: the transformers Auto class train builds, e.g. "AutoModelForSequenceClassification"
+    auto_class: ClassVar[str]
+    #: peft's TaskType for the adapter strategies, e.g. "SEQ_CLS"
+    peft_task_type: ClassVar[str]
+    #: the validation metric (a key of compute_metrics) that picks the best epoch; higher is better
+    best_metric: ClassVar[str]
+
+    # ------------------------------------------------------------------------------------------- clean
+
+    @abstractmethod
+    def fields(self, options) -> list["Field"]:
+        """The values clean reads from each record of a raw file (an `id` field is optional for every task)."""
+
+    @abstractmethod
+    def normalize(self, records: "pd.DataFrame", options) -> "pd.DataFrame":
+        """Clean one file's records. In: `source_file`, `line` and the fields as read (strings, optional ones may be
+        NA). Out: `source_file`, `line`, `id`, the task's payload columns, and `text_raw`, the record's text as read
+        (what the quarantine files show)."""
+
+    @abstractmethod
+    def duplicate_key(self, rows: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.Series"]:
+        """(columns whose equality makes two cleaned rows exact duplicates, rows that may collapse at all)."""
+
+    # ------------------------------------------------------------------------------------------- validate
+
+    @abstractmethod
+    def validate(self, rows: "pd.DataFrame", options) -> tuple["pd.DataFrame", "pd.DataFrame", dict]:
+        """(rows kept, rows rejected with their reasons, report). Kept + rejected = rows, checked by the stage."""
+
+    @abstractmethod
+    def problems(self, kept: "pd.DataFrame", options) -> list[str]:
+        """Reasons the data as a whole is not fit to train on (the stage fails with them), e.g. a class too small."""
+
+    def summary_lines(self, report: dict) -> list[str]:
+        """The task's own lines of `reports/validation.md`."""
+        return []
+
+    # ------------------------------------------------------------------------------------------- split
+
+    @abstractmethod
+    def split_key(self, rows: "pd.DataFrame") -> "pd.Series":
+        """The text whose hash places a row in train, validation or test: equal keys always land together."""
+
+    def strata(self, rows: "pd.DataFrame") -> "pd.Series | None":
+        """Groups that must each reach every split (a classifier's classes), or None."""
+        return None
+
+    # ------------------------------------------------------------------------------------------- tokenize
+
+    @abstractmethod
+    def encode(self, splits: dict[str, "pd.DataFrame"], tokenizer, options, cache: "memo.TokenCache") -> Encoded:
+        """Token ids and training targets for every split, unpadded; `cache` serves texts encoded before."""
+
+    # ------------------------------------------------------------------------------------------- train
+
+    @abstractmethod
+    def model_kwargs(self, meta: dict, tokenizer) -> dict:
+        """Extra `from_pretrained` arguments that shape the model for this task (e.g. the classifier's labels)."""
+
+    @abstractmethod
+    def collator(self, tokenizer, device: str):
+        """Pads a list of dataset rows into a batch."""
+
+    @abstractmethod
+    def compute_metrics(self, eval_pred) -> dict:
+        """Validation metrics from the Trainer's (predictions, label_ids); holds `best_metric`."""
+
+    # ------------------------------------------------------------------------------------------- evaluate
+
+    @abstractmethod
+    def evaluate(self, model, tokenizer, test, rows: "pd.DataFrame", meta: dict, options, device: str) -> Evaluation:
+        """Score the trained model on the tokenized test split; `rows` are the same rows as text."""
+
+    def metrics_lines(self, metrics: dict) -> list[str]:
+        """The test metrics (the DVC metrics file) in a few lines, for `python -m sft_pipeline.summary`."""
+        return [f"Test metrics: {metrics}"]
+
+    @abstractmethod
+    def metric_names(self, params: "Params") -> set[str]:
+        """The MLflow metric names evaluate logs (what `mlflow.promotion_metric` may name)."""
+
+    # ------------------------------------------------------------------------------------------- serving
+
+    @abstractmethod
+    def serving_config(self, params: "Params") -> dict:
+        """What the served model needs from params (JSON values), e.g. the cleaning options and max_length."""
+
+    @abstractmethod
+    def signature(self):
+        """The MLflow signature of the served model."""
+
+    @abstractmethod
+    def predict(self, model, tokenizer, model_input, config: dict) -> "pd.DataFrame":
+        """The served model's answer to raw input (texts as users send them)."""

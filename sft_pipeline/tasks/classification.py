@@ -1,0 +1,383 @@
+"""Task `classification`: a text in, one of a declared set of labels out (`task.type: classification`).
+
+Rows: `text`, `label`, and optionally `id` and `annotator` (column names in clean.columns). clean normalises the
+text (HTML, Unicode, whitespace; lowercasing and punctuation removal on request) and strips label and annotator;
+validate maps labels and synonyms to validate.labels, rejects unknown labels and texts out of the length limits, and
+resolves texts labelled more than once by annotator votes (sft_pipeline.data.labels); split keeps each class in every
+split; tokenize encodes the text with the label as a ClassLabel; train builds `AutoModelForSequenceClassification`
+with a new head for the labels; evaluate reports accuracy, macro and weighted precision/recall/F1, per-class scores,
+the confusion matrix and the most confident errors; the served model takes raw texts and answers label and score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from sft_pipeline import params as common
+from sft_pipeline.data import labels as votes
+from sft_pipeline.data.readers import Field as ReadField
+from sft_pipeline.data.text import normalize_text
+from sft_pipeline.data.validation import rejected_rows
+from sft_pipeline.tasks.base import Encoded, Evaluation, Task
+
+CLEAN_COLUMNS = ["source_file", "line", "id", "text", "text_raw", "label", "annotator"]
+VALIDATED_COLUMNS = ["text", "label", "source_file", "line", "id", "n_votes", "agreement"]
+AVERAGES = ("macro", "weighted")
+SCORES = ("precision", "recall", "f1")
+
+
+# ------------------------------------------------------------------------------------------------ params
+
+
+class Columns(common.Section):
+    """Column (or JSON key) names in the annotation files. `id` and `annotator` are optional in the files."""
+
+    text: str = "text"
+    label: str = "label"
+    id: str = "id"
+    annotator: str = "annotator"
+
+
+class Clean(common.Clean):
+    columns: Columns = Columns()
+    lowercase: bool = False
+    remove_punctuation: bool = False
+
+
+class Validate(common.Validate):
+    # canonical label -> synonyms; matching is case-insensitive after NFKC and whitespace trimming.
+    labels: dict[str, list[str]]
+    conflict_policy: Literal["majority", "drop"] = "majority"
+    # Share of the votes the winning label needs; ties never win.
+    min_agreement: float = Field(0.5, gt=0, le=1)
+    min_per_class: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _labels_well_formed(self) -> "Validate":
+        if len(self.labels) < 2:
+            raise ValueError("labels: declare at least two classes")
+        return self
+
+
+class Evaluate(common.Evaluate):
+    top_errors: int = Field(20, ge=0)
+
+
+class Mlflow(common.Mlflow):
+    registered_model: str = "sft-classifier"
+    promotion_metric: str = "test_macro_f1"
+
+
+class TaskSection(common.Task):
+    type: Literal["classification"] = "classification"
+
+
+class Params(common.Params):
+    task: TaskSection = TaskSection()
+    clean: Clean = Clean()
+    validate_: Validate = Field(alias="validate")
+    evaluate: Evaluate = Evaluate()
+    mlflow: Mlflow = Mlflow()
+
+    @model_validator(mode="after")
+    def _enough_per_class_for_every_split(self) -> "Params":
+        smallest = min(self.split.ratios.values())
+        needed = math.ceil(1 / smallest - 1e-9)
+        if self.validate_.min_per_class < needed:
+            raise ValueError(
+                f"validate.min_per_class = {self.validate_.min_per_class} is too small for the split ratio "
+                f"{smallest}: a class needs about {needed} rows to reach every split"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _promotion_metric_is_logged(self) -> "Params":
+        known = Classification().metric_names(self)
+        if self.mlflow.promotion_metric not in known:
+            some = ", ".join(sorted(m for m in known if not m.startswith(("test_precision_", "test_recall_",
+                                                                              "test_f1_"))))
+            raise ValueError(f"mlflow.promotion_metric: {self.mlflow.promotion_metric!r} is not a metric of task "
+                             f"classification; choose one of {some}, or test_f1_<label> (and precision, recall)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ the task
+
+
+class Classification(Task):
+    name = "classification"
+    params = Params
+    auto_class = "AutoModelForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
+    best_metric = "macro_f1"
+
+    # clean
+
+    def fields(self, options: Clean) -> list[ReadField]:
+        c = options.columns
+        return [ReadField("id", c.id), ReadField("text", c.text, required=True, strings_only=True),
+                ReadField("label", c.label, required=True), ReadField("annotator", c.annotator)]
+
+    def normalize(self, records: pd.DataFrame, options: Clean) -> pd.DataFrame:
+        out = records.rename(columns={"text": "text_raw"})
+        out["text"] = [normalize_text(t, options.lowercase, options.remove_punctuation) for t in out["text_raw"]]
+        out["label"] = out["label"].str.strip()
+        out["annotator"] = out["annotator"].where(out["annotator"].isna(),
+                                                  out["annotator"].astype("string").str.strip())
+        return out[CLEAN_COLUMNS]
+
+    def duplicate_key(self, rows: pd.DataFrame):
+        # Rows by different annotators are votes, kept for validate; empty texts are rejected there, one by one.
+        return rows[["text", "label", "annotator"]], rows["text"] != ""
+
+    # validate
+
+    def validate(self, rows: pd.DataFrame, options: Validate):
+        canonical, reason, detail = votes.row_reasons(rows, options)
+        failed = reason.notna()
+        row_rejected = rejected_rows(rows[failed], "", "")
+        row_rejected["reason"] = reason[failed].to_numpy()
+        row_rejected["detail"] = detail[failed].to_numpy()
+        passing = rows[~failed].assign(label=canonical[~failed])
+        agreement = votes.annotator_agreement(passing)
+        kept, dropped, conflicts = votes.resolve_votes(passing, options)
+        rejected = pd.concat([row_rejected, dropped], ignore_index=True)
+        raw_labels = rows.loc[~failed, "label"]
+        mapped = Counter(f"{r} -> {c}" for r, c in zip(raw_labels, canonical[~failed]) if r != c)
+        report = {
+            "classes": {label: int((kept["label"] == label).sum()) for label in options.labels},
+            "labels_mapped": dict(sorted(mapped.items())),
+            "conflicts": conflicts,
+            "annotator_agreement": agreement,
+        }
+        return kept[VALIDATED_COLUMNS], rejected, report
+
+    def problems(self, kept: pd.DataFrame, options: Validate) -> list[str]:
+        return votes.check_classes(kept, options)
+
+    def summary_lines(self, report: dict) -> list[str]:
+        lines = ["", "| class | rows |", "|---|---:|"]
+        lines += [f"| {label} | {n} |" for label, n in report["classes"].items()]
+        conflicts = report["conflicts"]
+        lines += ["", f"Texts with conflicting labels: {conflicts['conflicting_texts']} "
+                      f"(resolved {conflicts['resolved']}, unresolved {conflicts['unresolved']})."]
+        agreement = report["annotator_agreement"]
+        if agreement and agreement.get("kappa") is not None:
+            lines.append(f"Annotator agreement: {agreement['method']} kappa = {agreement['kappa']} "
+                         f"over {agreement['texts_rated_twice_or_more']} texts.")
+        return lines
+
+    # split
+
+    def split_key(self, rows: pd.DataFrame) -> pd.Series:
+        return rows["text"]
+
+    def strata(self, rows: pd.DataFrame) -> pd.Series:
+        return rows["label"]
+
+    # tokenize
+
+    def encode(self, splits, tokenizer, options, cache) -> Encoded:
+        from datasets import ClassLabel
+
+        from sft_pipeline import encoding
+
+        labels = sorted(set().union(*(set(f["label"]) for f in splits.values())))
+        label_id = {label: i for i, label in enumerate(labels)}
+        source, positions, encoded, hits = encoding.encode_splits(
+            tokenizer, {name: frame["text"] for name, frame in splits.items()}, options, cache)
+        datasets, stats = {}, {}
+        for name, frame in splits.items():
+            label_ids = frame["label"].map(label_id).to_numpy(dtype=np.int64)
+            datasets[name], full = encoding.token_dataset(
+                source, positions[name], {"labels": label_ids}, {"labels": ClassLabel(names=labels)},
+                salt=[labels, options.max_length])
+            stats[name] = encoding.length_stats(full, options.max_length)
+        return Encoded(datasets, {"labels": labels, "label2id": label_id}, {"labels": labels, "splits": stats},
+                       texts_encoded=encoded, rows_from_cache=hits)
+
+    # train
+
+    def model_kwargs(self, meta: dict, tokenizer) -> dict:
+        labels = meta["labels"]
+        return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {label: i for i, label in enumerate(labels)}, "pad_token_id": tokenizer.pad_token_id}
+
+    def collator(self, tokenizer, device: str):
+        from transformers import DataCollatorWithPadding
+
+        # Pad each batch to its longest row; multiples of 8 suit tensor cores and cost nothing on a CPU.
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None)
+
+    def compute_metrics(self, eval_pred) -> dict:
+        from sklearn.metrics import accuracy_score, f1_score
+
+        logits, label_ids = eval_pred
+        predictions = np.asarray(logits).argmax(axis=-1)
+        return {
+            "accuracy": float(accuracy_score(label_ids, predictions)),
+            "macro_f1": float(f1_score(label_ids, predictions, average="macro", zero_division=0)),
+        }
+
+    # evaluate
+
+    def evaluate(self, model, tokenizer, test, rows, meta, options: Evaluate, device: str) -> Evaluation:
+        labels = meta["labels"]
+        probs = predict_proba(model, tokenizer, test["input_ids"], options.batch_size, device)
+        predicted = [labels[i] for i in probs.argmax(axis=1)]
+        actual = [labels[i] for i in test["labels"]]
+        frame = rows.assign(actual=actual, predicted=predicted, confidence=probs.max(axis=1))
+        summary = classification_summary(actual, predicted, labels)
+        details = {**summary, "most_confident_errors": confident_errors(frame, options.top_errors)}
+        m = summary["metrics"]
+        return Evaluation(
+            metrics=m,
+            details=details,
+            predictions=frame[["id", "source_file", "line", "actual", "predicted", "confidence"]],
+            mlflow_metrics=flat_test_metrics(m),
+            figures={"confusion_matrix.png": lambda path: confusion_image(actual, predicted, labels, path)},
+            summary=f"test accuracy {m['accuracy']}, macro-F1 {m['macro']['f1']}, weighted-F1 "
+                    f"{m['weighted']['f1']} on {m['test_rows']} rows",
+        )
+
+    def metrics_lines(self, metrics: dict) -> list[str]:
+        lines = [f"Test set ({metrics['test_rows']} rows): accuracy {metrics['accuracy']:.4f}, "
+                 f"macro-F1 {metrics['macro']['f1']:.4f}, weighted-F1 {metrics['weighted']['f1']:.4f}"]
+        for label, m in metrics["per_class"].items():
+            lines.append(f"  {label:<20} P {m['precision']:.3f}  R {m['recall']:.3f}  F1 {m['f1']:.3f}  "
+                         f"n={m['support']}")
+        return lines
+
+    def metric_names(self, params) -> set[str]:
+        names = {"test_accuracy"} | {f"test_{a}_{s}" for a in AVERAGES for s in SCORES}
+        return names | {f"test_{s}_{label}" for s in SCORES for label in params.validate_.labels}
+
+    # serving
+
+    def serving_config(self, params) -> dict:
+        return {"max_length": params.tokenize.max_length, "batch_size": params.evaluate.batch_size,
+                "lowercase": params.clean.lowercase, "remove_punctuation": params.clean.remove_punctuation}
+
+    def signature(self):
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        # One unnamed string column: a list of texts, a Series, or a one-column DataFrame (any name) all fit.
+        return ModelSignature(inputs=Schema([ColSpec("string")]),
+                              outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+
+    def predict(self, model, tokenizer, model_input, config: dict) -> pd.DataFrame:
+        """Raw texts get the training data's cleaning and truncation; the answer is label and its probability."""
+        import torch
+
+        texts = [normalize_text(t, config.get("lowercase", False), config.get("remove_punctuation", False))
+                 for t in texts_of(model_input)]
+        max_length, batch_size = int(config.get("max_length", 512)), int(config.get("batch_size", 32))
+        id2label = model.config.id2label
+        labels, scores = [], []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
+                                  padding=True, return_tensors="pt").to(model.device)
+                best = torch.softmax(model(**batch).logits.float(), dim=-1).max(dim=-1)
+                labels += [id2label[int(i)] for i in best.indices]
+                scores += best.values.tolist()
+        return pd.DataFrame({"label": labels, "score": scores})
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def texts_of(model_input) -> list[str]:
+    """A str, a list of str, a Series, or a DataFrame (its `text` column, else its first) as a list of str."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, pd.DataFrame):
+        column = "text" if "text" in model_input.columns else model_input.columns[0]
+        return model_input[column].astype(str).tolist()
+    if isinstance(model_input, pd.Series):
+        return model_input.astype(str).tolist()
+    return [str(x) for x in model_input]
+
+
+def predict_proba(model, tokenizer, ids, batch_size: int, device: str) -> np.ndarray:
+    """Class probabilities per row, batched over rows sorted by length so that little padding is computed."""
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer)
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    probs = None
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = collate([{"input_ids": ids[i]} for i in chunk]).to(device)
+            out = torch.softmax(model(**batch).logits.float(), dim=-1).cpu().numpy()
+            if probs is None:
+                probs = np.zeros((len(ids), out.shape[1]), dtype=np.float32)
+            probs[chunk] = out
+    return probs if probs is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def classification_summary(actual: list[str], predicted: list[str], labels: list[str]) -> dict:
+    """Metrics computed once; `metrics` goes to the DVC metrics file as it is."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    metrics: dict = {"accuracy": round(float(accuracy_score(actual, predicted)), 4)}
+    for average in AVERAGES:
+        p, r, f, _ = precision_recall_fscore_support(actual, predicted, labels=labels, average=average, zero_division=0)
+        metrics[average] = {"precision": round(float(p), 4), "recall": round(float(r), 4), "f1": round(float(f), 4)}
+    p, r, f, support = precision_recall_fscore_support(actual, predicted, labels=labels, zero_division=0)
+    per_class = {
+        label: {"precision": round(float(p[i]), 4), "recall": round(float(r[i]), 4), "f1": round(float(f[i]), 4),
+                "support": int(support[i])}
+        for i, label in enumerate(labels)
+    }
+    matrix = confusion_matrix(actual, predicted, labels=labels)
+    return {
+        "metrics": {**metrics, "per_class": per_class, "test_rows": len(actual)},
+        "confusion_matrix": {"labels": labels, "rows_actual_columns_predicted": matrix.tolist()},
+    }
+
+
+def flat_test_metrics(metrics: dict) -> dict[str, float]:
+    """The metrics.json dict as flat MLflow metric names: test_accuracy, test_macro_f1, test_f1_<class>, ..."""
+    flat = {"test_accuracy": metrics["accuracy"]}
+    for average in AVERAGES:
+        for name, value in metrics[average].items():
+            flat[f"test_{average}_{name}"] = value
+    for label, scores in metrics["per_class"].items():
+        for name in SCORES:
+            flat[f"test_{name}_{label}"] = scores[name]
+    return flat
+
+
+def confident_errors(frame: pd.DataFrame, top: int, max_chars: int = 300) -> list[dict]:
+    errors = frame[frame["actual"] != frame["predicted"]].sort_values("confidence", ascending=False).head(top)
+    return [
+        {"id": r.id, "source": f"{r.source_file}:{r.line}", "actual": r.actual, "predicted": r.predicted,
+         "confidence": round(float(r.confidence), 4), "text": r.text[:max_chars]}
+        for r in errors.itertuples()
+    ]
+
+
+def confusion_image(actual: list[str], predicted: list[str], labels: list[str], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ConfusionMatrixDisplay.from_predictions(actual, predicted, labels=labels, ax=ax, colorbar=False,
+                                            xticks_rotation=45)
+    ax.set_title("Test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
