@@ -92,6 +92,18 @@ def tiny_bert(folder: Path) -> Path:
     return folder
 
 
+def copy_code(project: Path) -> None:
+    """What a runnable copy of the project needs besides data and params: dvc.yaml, .dvcignore, the stages and the
+    library (the copy's stages import the copy's library)."""
+    import shutil
+
+    project.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, project / name)
+    for package in ("stages", "sft_pipeline"):
+        shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+
+
 def project_params(work: Path, model: Path | str, **sections) -> dict:
     """The project's params.yaml with every path moved under `work`; `sections` update keys section by section."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

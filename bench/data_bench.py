@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench import synth
-from bench.common import ROOT, env, minilm_dir, project_params, ratio, tiny_bert, write_params
+from bench.common import ROOT, copy_code, env, minilm_dir, project_params, ratio, tiny_bert, write_params
 
 DATA_STAGES = ("clean", "validate", "split", "tokenize")
 
@@ -43,9 +43,10 @@ def tokenize_bench(work: Path, quick: bool) -> dict:
     cache) over one tokenizer call."""
     import pandas as pd
 
-    from stages import clean, split, tokenize, validate
+    from sft_pipeline.encoding import SPLITS
     from sft_pipeline.modeling import load_tokenizer
     from sft_pipeline.params import parse
+    from stages import clean, split, tokenize, validate
 
     cases = {"synthetic_short_texts": (20_000 if quick else 200_000, 64)}
     out = {"repeats": 2 if quick else 3, "cases": {}}
@@ -70,7 +71,7 @@ def tokenize_bench(work: Path, quick: bool) -> dict:
         split.run(params)
         prepared[name] = params
     for name, params in prepared.items():
-        texts = [t for s in tokenize.SPLITS for t in pd.read_parquet(params.paths.split_dir / f"{s}.parquet")["text"]]
+        texts = [t for s in SPLITS for t in pd.read_parquet(params.paths.split_dir / f"{s}.parquet")["text"]]
         tokenizer = load_tokenizer(params.model.name, params.model)
         call, stage = [], []
         for _ in range(out["repeats"]):
@@ -187,9 +188,7 @@ def incremental_bench(work: Path, quick: bool) -> dict:
 
 
 def incremental_at(project: Path, n: int, noop: bool) -> dict:
-    project.mkdir(parents=True)
-    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
-    shutil.copytree(ROOT / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_code(project)
     tiny_bert(project / "models/pretrained/tiny-bert")
     raw = project_params(Path("."), "models/pretrained/tiny-bert", train={"epochs": 0.05, "batch_size": 32})
     raw["paths"] = {k: None if v is None else str(Path(v)) for k, v in raw["paths"].items()}

@@ -152,13 +152,17 @@ def write_readme(results: Path) -> None:
                   f"{t['max_length']}; learning rate `auto` (the strategy's own). Times: the train stage on "
                   "this machine; an epoch is its optimizer steps (validation and checkpoints excluded); freeze's "
                   "first epoch includes computing the frozen features once.", "",
-                  "| strategy | test macro-F1 | vs full (points) | trainable params | share | learning rate "
+                  "| strategy | test macro-F1 | vs full (points, 95% paired bootstrap) | best val macro-F1 "
+                  "| trainable params | share "
+                  "| learning rate "
                   "| first epoch s | later epochs s | epoch speed-up vs full (after the first) | train stage s "
                   "| peak RSS MB | saved MB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in t["strategies"]:
             v = r["vs_full"]
+            ci = v["macro_f1_points_95ci"]
             lines.append(f"| {r['strategy']} | {r['test_macro_f1']:.4f} | {v['macro_f1_points']:+.2f} "
+                         f"[{ci['low_points']:+.1f}, {ci['high_points']:+.1f}] | {r['best_validation_macro_f1']:.4f} "
                          f"| {r['trainable_params']:,} | {r['trainable_fraction']:.2%} | {r['learning_rate']:g} "
                          f"| {r['first_epoch_s']} | {r['later_epoch_mean_s']} | {v['epoch_after_first_speedup']}x "
                          f"| {r['train_stage_s']} | {r['peak_rss_mb']} | {r['saved_mb']} |")

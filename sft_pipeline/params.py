@@ -140,7 +140,9 @@ class Lora(Section):
 
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
+    # Dropout on each adapted layer's input costs a copy of that input: on BBC News with MiniLM, 0.1 made an epoch
+    # slower than full fine-tuning, with no gain in validation macro-F1 (README "Training strategies").
+    dropout: float = Field(0.0, ge=0, lt=1)
     # "all-linear" (peft: every linear layer but the output head) or a list of module names, e.g. [query, value].
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
 

@@ -232,7 +232,7 @@ def progress_bar(stream=None):
         def __init__(self):
             self.train = self.validation = None
             self.started = self.last_line = 0.0
-            self.first_step = 0
+            self.first_step = self.last_step = 0
             self.postfix = ""
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -252,6 +252,7 @@ def progress_bar(stream=None):
 
         def _line(self, state):
             self.last_line = now = time.monotonic()
+            self.last_step = state.global_step
             done = state.global_step - self.first_step
             rate = done / max(now - self.started, 1e-9)
             left = (state.max_steps - state.global_step) / rate if rate > 0 else float("nan")
@@ -294,7 +295,7 @@ def progress_bar(stream=None):
             if self.train is not None:
                 self.train.close()
                 self.train = None
-            else:
+            elif self.last_step != state.global_step:
                 self._line(state)
 
     return ProgressBar()

@@ -1,1 +1,2 @@
-"""Pipeline stages, one module each; run as `python -m stages.<name>`."""
+"""The six pipeline stages of dvc.yaml, one module each, run as `python -m stages.<name>`; the library they call is
+`sft_pipeline`."""

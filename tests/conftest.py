@@ -147,13 +147,9 @@ def make_project(root: Path, tiny_model: Path, rows: list[dict] | None = None, *
 
 def copy_code(root: Path) -> None:
     """dvc.yaml, .dvcignore, the stages and the library into a project copy (its stages import the copy)."""
-    import shutil
+    from bench.common import copy_code as copy
 
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, root / name)
-    for package in ("stages", "sft_pipeline"):
-        shutil.copytree(ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    copy(root)
 
 
 def prepared_project(tmp_path, model_dir, **overrides):

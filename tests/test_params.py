@@ -95,7 +95,7 @@ def test_strategy_options_are_checked_and_default_when_absent():
     raw = raw_params()
     raw["train"]["strategy"] = "lora"
     params = parse(raw)
-    assert params.train.options().model_dump() == {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"}
+    assert params.train.options().model_dump() == {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
     raw["train"]["lora"] = {"r": 0, "target_modules": [], "rank": 4}
     with pytest.raises(ParamsError) as info:
         parse(raw)

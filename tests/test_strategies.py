@@ -308,12 +308,16 @@ def test_prompt_and_inputs_must_fit_the_models_positions(tmp_path, tiny_bert):
         train.run(params, track=False)
 
 
-def test_auto_learning_rate_follows_the_strategy():
-    for strategy, rate in strategies.AUTO_LEARNING_RATE.items():
-        raw = project_params(__import__("pathlib").Path("/tmp"), train__strategy=strategy, train__learning_rate="auto")
-        assert strategies.learning_rate(parse(raw).train) == rate
-    raw = project_params(__import__("pathlib").Path("/tmp"), train__strategy="lora", train__learning_rate=2e-4)
-    assert strategies.learning_rate(parse(raw).train) == 2e-4
+def test_auto_learning_rate_follows_the_strategy(tmp_path):
+    def rate(**train):
+        raw = project_params(tmp_path, **{f"train__{k}": v for k, v in train.items()})
+        return strategies.learning_rate(parse(raw).train)
+
+    assert {s: rate(strategy=s, learning_rate="auto") for s in strategies.AUTO_LEARNING_RATE} == \
+        {"full": 1e-4, "freeze": 1e-1, "lora": 2e-3, "prompt_tuning": 3e-2}
+    # Blocks of the pretrained model training again: a rate for pretrained weights, not for a head alone.
+    assert rate(strategy="freeze", learning_rate="auto", freeze={"trainable_layers": 2}) == 1e-3
+    assert rate(strategy="lora", learning_rate=2e-4) == 2e-4
 
 
 @pytest.mark.parametrize("case", ["full", "freeze", "lora", "prompt_tuning"])
