@@ -152,6 +152,8 @@ def write_readme(results: Path) -> None:
                   f"{t['max_length']}; learning rate `auto` (the strategy's own). Times: the train stage on "
                   "this machine; an epoch is its optimizer steps (validation and checkpoints excluded); freeze's "
                   "first epoch includes computing the frozen features once.", "",
+                  f"Run: {t['machine']['date']} on {t['machine']['cpu']}, {t['machine']['cores']} cores "
+                  f"(load average at start {t['machine']['load_average_at_start']:.2f}).", "",
                   "| strategy | test macro-F1 | vs full (points, 95% paired bootstrap) | best val macro-F1 "
                   "| trainable params | share "
                   "| learning rate "
