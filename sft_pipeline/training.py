@@ -374,7 +374,10 @@ def fit(prepared, task, dataset, tokenizer, paths: Paths, options: Train, device
 
 def _train(trainer, resume, clock, features) -> Fitted:
     from transformers import PrinterCallback
+    from transformers.utils import logging as hf_logging
 
+    # Each checkpoint write would draw a bar of its own ("Writing model shards") through the training bar.
+    hf_logging.disable_progress_bar()
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(progress_bar())
     output = trainer.train(resume_from_checkpoint=resume)
