@@ -342,3 +342,17 @@ def test_every_strategy_resumes_from_a_checkpoint_and_ends_where_an_uninterrupte
     again = pd.read_csv(params.paths.eval_history)["eval_loss"].tolist()
     assert again == pytest.approx(losses, abs=0.02)
     assert resumed["best_validation_macro_f1"] == pytest.approx(first["best_validation_macro_f1"], abs=0.02)
+
+
+def test_a_soft_prompt_can_start_from_a_text(tmp_path, tiny_bert):
+    """init_text reaches peft with the pipeline's own tokenizer: the prompt starts as that text's embeddings."""
+    params, _ = prepared_project(tmp_path, tiny_bert, train__strategy="prompt_tuning",
+                                 train__prompt_tuning={"num_virtual_tokens": 6, "init_text": "sport business tech"})
+    tokenize.run(params)
+    task, tokenizer, prepared = fresh_model(params)
+    ids = tokenizer("sport business tech")["input_ids"]  # [CLS] sport business tech [SEP], then again from the start
+    assert len(ids) == 5
+    ids = (ids * 2)[:6]
+    prompt = prepared.model.prompt_encoder["default"].embedding.weight.detach()
+    words = prepared.model.get_input_embeddings().weight.detach()[ids]
+    torch.testing.assert_close(prompt, words)
