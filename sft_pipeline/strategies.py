@@ -68,15 +68,18 @@ class Prepared:
         return self.strategy in ADAPTERS
 
 
-def head_modules(model, new_parameters: list[str]) -> list[str]:
-    """The smallest set of module names that holds every new parameter; a known head name if there are none."""
+def head_modules(model, new_parameters: list[str], required: bool = True) -> list[str]:
+    """The smallest set of module names that holds every new parameter; a known head name if there are none.
+
+    Without one, `full` trains every weight anyway (`required=False` gives []); the other strategies cannot run.
+    """
     modules = sorted({name.rsplit(".", 1)[0] for name in new_parameters if "." in name})
     top = [m for m in modules if not any(m.startswith(other + ".") for other in modules if other != m)]
     if top:
         return top
     names = dict(model.named_modules())
     found = [name for name in HEAD_NAMES if name in names]
-    if not found:
+    if not found and required:
         raise StageError("cannot tell which modules of the model are the task's head: loading initialised nothing "
                          f"new and it has none of {', '.join(HEAD_NAMES)}; use train.strategy: full")
     return found[:1]
@@ -105,7 +108,7 @@ def prepare(model, new_parameters: list[str], options: Train, task, tokenizer_di
     from sft_pipeline.modeling import parameter_counts
 
     strategy = options.strategy
-    head = head_modules(model, new_parameters)
+    head = head_modules(model, new_parameters, required=strategy != "full")
     if strategy == "full":
         for parameter in model.parameters():
             parameter.requires_grad = True

@@ -71,7 +71,7 @@ def run(params: Params, track: bool = True) -> dict:
     prepared = strategies.prepare(model, new, options, task, paths.tokenized_dir / "tokenizer")
     counts = prepared.counts
     print(f"train: strategy {prepared.strategy}: {counts['trainable_params']:,} of {counts['total_params']:,} "
-          f"parameters train ({counts['trainable_fraction']:.2%}); head {', '.join(prepared.head)}"
+          f"parameters train ({counts['trainable_fraction']:.2%}); head {', '.join(prepared.head) or 'not new'}"
           + "".join(f"; {note}" for note in prepared.notes))
     resume = training.prepare_checkpoints(paths.checkpoints_dir,
                                           training.run_fingerprint(params.model, options, paths.tokenized_dir))

@@ -356,3 +356,19 @@ def test_a_soft_prompt_can_start_from_a_text(tmp_path, tiny_bert):
     prompt = prepared.model.prompt_encoder["default"].embedding.weight.detach()
     words = prepared.model.get_input_embeddings().weight.detach()[ids]
     torch.testing.assert_close(prompt, words)
+
+
+def test_the_head_is_what_loading_had_to_initialise(tiny_bert, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=3)
+    assert strategies.head_modules(model, ["classifier.weight", "classifier.bias"]) == ["classifier"]
+    # A head and a new pooler below it: both, not their parameters one by one.
+    assert strategies.head_modules(model, ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.bias"]) \
+        == ["bert.pooler.dense", "classifier"]
+    # A checkpoint that is a classifier already (nothing new): its head by name.
+    assert strategies.head_modules(model, []) == ["classifier"]
+    bare = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert strategies.head_modules(bare, [], required=False) == []
+    with pytest.raises(StageError, match="cannot tell which modules"):
+        strategies.head_modules(bare, [])
