@@ -245,10 +245,11 @@ def run_hf(params, steps: int, work: Path, padding: str, seed: int = SEED) -> di
     from datasets import Dataset, load_from_disk
     from transformers import DataCollatorWithPadding, Trainer, default_data_collator
 
+    from sft_pipeline import tasks
     from sft_pipeline.io import read_json
     from sft_pipeline.modeling import load_tokenizer
 
-    labels = read_json(params.paths.tokenized_dir / "task.json")["labels"]
+    labels = read_json(params.paths.tokenized_dir / tasks.META_FILE)["labels"]
     tokenizer = load_tokenizer(params.model.name, params.model)
     data = load_from_disk(str(params.paths.tokenized_dir / "data"))
     max_length = params.tokenize.max_length
@@ -279,12 +280,13 @@ def run_bare(params, steps: int, work: Path, seed: int = SEED, timed: bool = Tru
     from datasets import load_from_disk
     from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
+    from sft_pipeline import tasks
     from sft_pipeline.io import read_json
     from sft_pipeline.strategies import learning_rate
     from sft_pipeline.training import trainer_class
     from sft_pipeline.modeling import load_tokenizer
 
-    labels = read_json(params.paths.tokenized_dir / "task.json")["labels"]
+    labels = read_json(params.paths.tokenized_dir / tasks.META_FILE)["labels"]
     tokenizer = load_tokenizer(params.model.name, params.model)
     data = load_from_disk(str(params.paths.tokenized_dir / "data"))
     model = fresh_model(params, labels, tokenizer, seed)

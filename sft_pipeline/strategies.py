@@ -103,8 +103,10 @@ def _set_trainable(model, prefixes: list[str]) -> None:
         parameter.requires_grad = any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def prepare(model, new_parameters: list[str], options: Train, task, tokenizer_dir: Path) -> Prepared:
-    """Apply `options.strategy` to a freshly loaded model (see the module docstring)."""
+def prepare(model, new_parameters: list[str], options: Train, task, tokenizer_dir: Path,
+            max_length: int | None = None) -> Prepared:
+    """Apply `options.strategy` to a freshly loaded model (see the module docstring); `max_length` is the longest
+    tokenized row, which a soft prompt's positions come on top of."""
     from sft_pipeline.modeling import parameter_counts
 
     strategy = options.strategy
@@ -145,29 +147,21 @@ def prepare(model, new_parameters: list[str], options: Train, task, tokenizer_di
             raise StageError(f"train.strategy prompt_tuning: {type(model).__name__} pools its last real token, "
                              f"which it cannot find once peft feeds it embeddings; use lora or freeze for it")
         settings = options.options()
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions is not None and max_length is not None and max_length + settings.num_virtual_tokens > positions:
+            raise StageError(f"tokenize.max_length {max_length} + train.prompt_tuning.num_virtual_tokens "
+                             f"{settings.num_virtual_tokens} > the model's {positions} positions; lower one of them")
         text = settings.init_text
         config = PromptTuningConfig(
             task_type=task.peft_task_type, num_virtual_tokens=settings.num_virtual_tokens,
             prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
             prompt_tuning_init_text=text, tokenizer_name_or_path=str(tokenizer_dir) if text else None,
             modules_to_save=list(head))
-        positions = getattr(model.config, "max_position_embeddings", None)
         wrapped = get_peft_model(model, config)
         notes = [f"{settings.num_virtual_tokens} virtual tokens before every input"
                  + (f" (the model takes {positions} positions in all)" if positions else "")]
         return Prepared(wrapped, strategy, head, parameter_counts(wrapped), notes=notes)
     raise AssertionError(f"unknown strategy {strategy!r}")
-
-
-def check_positions(model, max_length: int, options: Train) -> None:
-    """A soft prompt takes positions too: prompt + longest row must fit the model's position embeddings."""
-    if options.strategy != "prompt_tuning":
-        return
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    virtual = options.options().num_virtual_tokens
-    if positions is not None and max_length + virtual > positions:
-        raise StageError(f"tokenize.max_length {max_length} + train.prompt_tuning.num_virtual_tokens {virtual} "
-                         f"> the model's {positions} positions; lower one of them")
 
 
 # ------------------------------------------------------------------------------------------------ save and load
@@ -208,6 +202,19 @@ def resolve_base(info: dict, override: str | None = None) -> str:
         return base["path"]
     raise StageError(f"the base model of this adapter, {base['name']!r} (at {base['path']}), is not here; pass its "
                      f"location, or serve a merged copy (python -m sft_pipeline.merge)")
+
+
+def serving_needs(info: dict) -> tuple[dict, list[str]]:
+    """(model_config entries, pip requirements) the served model needs beyond the task's: for an adapter, its base
+    model's location (a hub id, or the folder made absolute) and peft."""
+    if info["strategy"] not in ADAPTERS:
+        return {"strategy": info["strategy"]}, []
+    import peft
+
+    base = resolve_base(info)
+    if Path(base).exists():
+        base = str(Path(base).resolve())
+    return {"strategy": info["strategy"], "base_model": base}, [f"peft=={peft.__version__}"]
 
 
 def load_trained(model_dir: Path, base: str | None = None, trust_remote_code: bool = False, device: str = "cpu"):

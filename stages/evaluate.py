@@ -31,8 +31,6 @@ from sft_pipeline.io import StageError, read_json, stage_main, write_frame, writ
 from sft_pipeline.modeling import pick_device
 from sft_pipeline.params import Params
 
-TASK_FILE = "task.json"
-
 
 def log_model(params: Params, task, info: dict):
     """Log the trained model as a pyfunc that takes raw input, and register it; returns the version."""
@@ -41,18 +39,11 @@ def log_model(params: Params, task, info: dict):
     import transformers
 
     package = Path(strategies.__file__).resolve().parent
-    config = {**task.serving_config(params), "task": task.name, "strategy": info["strategy"],
-              "trust_remote_code": params.model.trust_remote_code}
+    serving, extra_requirements = strategies.serving_needs(info)
+    config = {**task.serving_config(params), "task": task.name, "trust_remote_code": params.model.trust_remote_code,
+              **serving}
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
-                    f"mlflow=={mlflow.__version__}", "pandas", "pydantic", "pyyaml"]
-    if info["strategy"] in strategies.ADAPTERS:
-        import peft
-
-        config["base_model"] = strategies.resolve_base(info)
-        base = Path(config["base_model"])
-        if base.exists():
-            config["base_model"] = str(base.resolve())
-        requirements.append(f"peft=={peft.__version__}")
+                    f"mlflow=={mlflow.__version__}", "pandas", "pydantic", "pyyaml", *extra_requirements]
     model_info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(package / "serving.py"),
@@ -103,7 +94,7 @@ def run(params: Params, track: bool = True):
     from datasets import load_from_disk
 
     paths, options, task = params.paths, params.evaluate, tasks.get(params)
-    meta = read_json(paths.tokenized_dir / TASK_FILE)
+    meta = tasks.read_meta(paths.tokenized_dir, task)
     test = load_from_disk(str(paths.tokenized_dir / "data"))["test"]
     rows = pd.read_parquet(paths.split_dir / "test.parquet")
     if len(rows) != len(test):

@@ -31,8 +31,6 @@ from sft_pipeline.io import atomic_path, stage_main, write_json
 from sft_pipeline.modeling import fingerprint, load_tokenizer
 from sft_pipeline.params import Params
 
-TASK_FILE = "task.json"
-
 
 def run(params: Params) -> dict:
     from datasets import DatasetDict
@@ -53,7 +51,7 @@ def run(params: Params) -> dict:
         with atomic_path(paths.tokenized_dir, directory=True) as tmp:
             DatasetDict(encoded.datasets).save_to_disk(str(tmp / "data"))
             shutil.copytree(saved, tmp / "tokenizer")
-            write_json(tmp / TASK_FILE, {"task": task.name, **encoded.meta})
+            write_json(tmp / tasks.META_FILE, {"task": task.name, **encoded.meta})
     report = {
         "task": task.name,
         "model": params.model.name,

@@ -29,11 +29,9 @@ import sys
 import time
 
 from sft_pipeline import strategies, tasks, training
-from sft_pipeline.io import StageError, atomic_path, read_json, stage_main, write_frame, write_json
+from sft_pipeline.io import StageError, atomic_path, stage_main, write_frame, write_json
 from sft_pipeline.modeling import load_pretrained, load_tokenizer, pick_device
 from sft_pipeline.params import Params
-
-TASK_FILE = "task.json"
 
 
 def peak_memory_mb(device: str) -> dict:
@@ -56,10 +54,7 @@ def run(params: Params, track: bool = True) -> dict:
     data_dir = paths.tokenized_dir / "data"
     if not data_dir.is_dir():
         raise StageError(f"{data_dir}: no tokenized data; run `dvc repro tokenize` first")
-    meta = read_json(paths.tokenized_dir / TASK_FILE)
-    if meta.get("task") != task.name:
-        raise StageError(f"{paths.tokenized_dir} holds {meta.get('task')!r} data but task.type is {task.name!r}; "
-                         f"run `dvc repro` so that tokenize runs again")
+    meta = tasks.read_meta(paths.tokenized_dir, task)
     dataset = load_from_disk(str(data_dir))
     device = pick_device(options.device)
 
@@ -67,8 +62,8 @@ def run(params: Params, track: bool = True) -> dict:
     tokenizer = load_tokenizer(paths.tokenized_dir / "tokenizer", params.model)
     kwargs = task.model_kwargs(meta, tokenizer)
     model, new = load_pretrained(params.model.name, params.model, task.auto_class, kwargs)
-    strategies.check_positions(model, params.tokenize.max_length, options)
-    prepared = strategies.prepare(model, new, options, task, paths.tokenized_dir / "tokenizer")
+    prepared = strategies.prepare(model, new, options, task, paths.tokenized_dir / "tokenizer",
+                                  params.tokenize.max_length)
     counts = prepared.counts
     print(f"train: strategy {prepared.strategy}: {counts['trainable_params']:,} of {counts['total_params']:,} "
           f"parameters train ({counts['trainable_fraction']:.2%}); head {', '.join(prepared.head) or 'not new'}"
@@ -150,7 +145,10 @@ def run(params: Params, track: bool = True) -> dict:
             "trainable_params": counts["trainable_params"], "total_params": counts["total_params"],
             "trainable_fraction": counts["trainable_fraction"], "peak_rss_mb": report["peak_rss_mb"],
         })
-        mlflow.log_params({"resolved.learning_rate": report["learning_rate"], "resolved.head": ",".join(prepared.head)})
+        # params.yaml as written is logged already; what `auto` and an absent options block became is logged here.
+        resolved = {"learning_rate": report["learning_rate"], "head": ",".join(prepared.head),
+                    options.strategy: report["strategy_options"]}
+        mlflow.log_params(tracking.flatten(resolved, "resolved."))
         mlflow.log_artifact(str(paths.train_report))
         mlflow.end_run()
         write_json(paths.mlflow_run, {"run_id": run_id, "tracking_uri": tracking.tracking_uri(paths),

@@ -81,8 +81,8 @@ def test_stages_folder_holds_the_six_stages_only():
 
 def test_stage_modules_hold_no_task_or_strategy_branches():
     """Stages ask the task and the strategy; a stage that tests which one it has would grow with every new one."""
-    pattern = re.compile(r"""(task\.(type|name)|\.strategy)\s*(==|!=|in\b)|["'](classification|lora|freeze|"""
-                         r"""prompt_tuning)["']""")
+    pattern = re.compile(r"""(task\.(type|name)|\.strategy|\[["'](task|strategy)["']\])\s*(==|!=|in\b)|"""
+                         r"""["'](classification|lora|freeze|prompt_tuning)["']""")
     offenders = [f"{p.name}:{n}: {line.strip()}" for p in (ROOT / "stages").glob("*.py")
                  for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert offenders == []

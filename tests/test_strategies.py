@@ -5,6 +5,7 @@ merge, and the MLflow run holds metrics while training still runs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -43,10 +44,11 @@ def fresh_model(params):
     """What the train stage builds before training: the task's model with its new head, and the strategy applied."""
     task = tasks.get(params)
     tokenizer = load_tokenizer(params.paths.tokenized_dir / "tokenizer", params.model)
-    meta = json.loads((params.paths.tokenized_dir / "task.json").read_text())
+    meta = tasks.read_meta(params.paths.tokenized_dir, task)
     model, new = load_pretrained(params.model.name, params.model, task.auto_class, task.model_kwargs(meta, tokenizer))
     torch.manual_seed(params.train.seed)
-    return task, tokenizer, strategies.prepare(model, new, params.train, task, params.paths.tokenized_dir / "tokenizer")
+    return task, tokenizer, strategies.prepare(model, new, params.train, task, params.paths.tokenized_dir / "tokenizer",
+                                               params.tokenize.max_length)
 
 
 def trained_names(case: str, names: list[str], head: list[str], blocks: list[str]) -> set[str]:
@@ -164,8 +166,8 @@ def test_frozen_features_are_computed_once_and_give_the_models_own_logits(tmp_pa
     np.testing.assert_allclose(from_cache, whole, atol=1e-5)
 
 
-def test_freeze_trains_much_less_per_epoch_after_the_first(tmp_path, tiny_bert):
-    """Not a timing assertion: the work per epoch, counted as backbone forward passes, is zero after the first."""
+def test_without_the_feature_cache_the_frozen_backbone_runs_every_step(tmp_path, tiny_bert):
+    """freeze.cache_features: false, the counterpart of the test above: backbone passes grow with the steps."""
     params, _ = strategy_params(tmp_path, tiny_bert, "freeze-uncached")
     tokenize.run(params)
     from datasets import load_from_disk
@@ -222,12 +224,16 @@ def test_lora_model_is_served_by_mlflow_from_its_adapter(tmp_path, tiny_bert):
     for stage in (tokenize, train, evaluate):
         assert stage.main(["--params", str(params_file)]) == 0
     use_store(params.paths)
+    run = mlflow.get_run(json.loads(params.paths.mlflow_run.read_text())["run_id"])
+    # What `auto` and the options block became, beside params.yaml as written.
+    assert run.data.params["resolved.lora.r"] == "4" and run.data.params["resolved.lora.dropout"] == "0.0"
+    assert run.data.params["resolved.learning_rate"] == str(RATES["lora"])
     model = mlflow.pyfunc.load_model(f"models:/{params.mlflow.registered_model}@{CHAMPION}")
     rows = pd.read_parquet(params.paths.split_dir / "test.parquet")
     assert model.predict(rows["text"].tolist())["label"].tolist() == \
         pd.read_csv(params.paths.predictions)["predicted"].tolist()
     logged = mlflow.artifacts.download_artifacts(f"models:/{params.mlflow.registered_model}@{CHAMPION}")
-    weights = [p.name for p in __import__("pathlib").Path(logged).rglob("*.safetensors")]
+    weights = [p.name for p in Path(logged).rglob("*.safetensors")]
     assert weights == ["adapter_model.safetensors"]  # the adapter travels, not a copy of the base
 
 
