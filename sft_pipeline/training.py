@@ -157,7 +157,8 @@ def trainer_class():
     return GroupedTrainer
 
 
-def training_arguments(paths: Paths, options: Train, device: str, best_metric: str, grouped: bool | None = None):
+def training_arguments(paths: Paths, options: Train, device: str, best_metric: str, grouped: bool | None = None,
+                       greater_is_better: bool = True):
     import torch
     from transformers import TrainingArguments
 
@@ -184,7 +185,7 @@ def training_arguments(paths: Paths, options: Train, device: str, best_metric: s
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model=best_metric,
-        greater_is_better=True,
+        greater_is_better=greater_is_better,
         logging_strategy="steps",
         logging_steps=options.log_every_steps,
         seed=options.seed,
@@ -341,7 +342,7 @@ def fit(prepared, task, dataset, tokenizer, paths: Paths, options: Train, device
 
         started = time.perf_counter()
         head = dict(prepared.model.named_modules())[prepared.head[0]] if len(prepared.head) == 1 else None
-        collate = task.collator(tokenizer, device)
+        collate = task.collator(tokenizer, device, options)
         cached = frozen.extract_all(prepared.model, head, dataset, collate, options.eval_batch_size, device) \
             if head is not None else None
         if cached is None:
@@ -361,11 +362,11 @@ def fit(prepared, task, dataset, tokenizer, paths: Paths, options: Train, device
             return _train(trainer, resume, clock, features)
     trainer = trainer_class()(
         model=prepared.model,
-        args=training_arguments(paths, options, device, task.best_metric),
+        args=training_arguments(paths, options, device, task.best_metric, greater_is_better=task.greater_is_better),
         train_dataset=dataset["train"],
         eval_dataset=dataset["validation"],
         processing_class=tokenizer,
-        data_collator=task.collator(tokenizer, device),
+        data_collator=task.collator(tokenizer, device, options),
         compute_metrics=task.compute_metrics,
         callbacks=[clock, *callbacks],
     )

@@ -81,6 +81,8 @@ def record(params: Params, task, info: dict, evaluation) -> dict:
             for name, draw in evaluation.figures.items():
                 draw(f"{tmp}/{name}")
                 mlflow.log_artifact(f"{tmp}/{name}")
+        for name, table in evaluation.tables.items():
+            mlflow.log_table(data=table, artifact_file=name)
         # Evaluating the same training again must not register a second copy of the same model.
         version = tracking.registered_version_of(run_id, params.mlflow) or log_model(params, task, info)
         decision = tracking.promote(run_id, version, params.mlflow)
@@ -97,7 +99,7 @@ def run(params: Params, track: bool = True):
     meta = tasks.read_meta(paths.tokenized_dir, task)
     test = load_from_disk(str(paths.tokenized_dir / "data"))["test"]
     rows = pd.read_parquet(paths.split_dir / "test.parquet")
-    if len(rows) != len(test):
+    if len(rows) != len(test) and "row" not in test.column_names:
         raise StageError(f"{paths.split_dir}/test.parquet has {len(rows)} rows but the tokenized test split has "
                          f"{len(test)}; run `dvc repro` so that both come from the same split")
     if not (paths.model_dir / strategies.MODEL_INFO).is_file():
@@ -106,7 +108,9 @@ def run(params: Params, track: bool = True):
     device = pick_device("auto")
     model, tokenizer, info = strategies.load_trained(paths.model_dir, trust_remote_code=params.model.trust_remote_code,
                                                      device=device)
-    evaluation = task.evaluate(model, tokenizer, test, rows, meta, options, device)
+    evaluation = task.evaluate(model, tokenizer, test, rows, meta, options, device,
+                               base=lambda: strategies.load_base(paths.model_dir, device=device,
+                                                                 trust_remote_code=params.model.trust_remote_code))
     write_json(paths.metrics, evaluation.metrics)
     write_json(paths.evaluation, evaluation.details)
     write_frame(paths.predictions, evaluation.predictions)

@@ -39,7 +39,7 @@ def run(params: Params) -> dict:
     disable_progress_bar()
     paths, options, task = params.paths, params.tokenize, tasks.get(params)
     frames = {name: pd.read_parquet(paths.split_dir / f"{name}.parquet") for name in encoding.SPLITS}
-    tokenizer = load_tokenizer(params.model.name, params.model)
+    tokenizer = task.prepare_tokenizer(load_tokenizer(params.model.name, params.model), options)
     with tempfile.TemporaryDirectory() as folder:
         # Saved before any call: encoding sets truncation on the Rust tokenizer, which save_pretrained would keep,
         # so the saved files would depend on whether anything was encoded (with a warm cache, nothing is).

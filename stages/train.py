@@ -105,7 +105,11 @@ def run(params: Params, track: bool = True) -> dict:
     write_frame(paths.train_history, steps)
     write_frame(paths.eval_history, epochs)
     best_column = f"eval_{task.best_metric}"
-    best = epochs.loc[epochs[best_column].idxmax()] if len(epochs) and best_column in epochs else None
+    if len(epochs) and best_column in epochs:
+        column = epochs[best_column]
+        best = epochs.loc[column.idxmax() if task.greater_is_better else column.idxmin()]
+    else:
+        best = None
     report = {
         "task": task.name,
         "model": params.model.name,

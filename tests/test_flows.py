@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from flows.pipeline import SKIPPED, acquire, pipeline_flow, raw_fingerprint, stage_order, watch_flow
-from tests.conftest import ROOT, make_project, synthetic_rows, write_csv
+from tests.conftest import DEFAULT_PARAMS, ROOT, make_project, synthetic_rows, write_csv
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,7 +45,7 @@ def test_stage_order_comes_from_dvc_not_from_the_file_order(tmp_path):
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     spec["stages"] = dict(reversed(list(spec["stages"].items())))
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text((DEFAULT_PARAMS).read_text())
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
     assert list(spec["stages"])[0] == "evaluate"
@@ -131,7 +131,7 @@ def test_the_cron_of_params_yaml_schedules_runs_of_the_deployment():
 
     from sft_pipeline.params import load
 
-    cron = load(ROOT / "params.yaml").watch.cron
+    cron = load(DEFAULT_PARAMS).watch.cron
 
     async def scheduled_runs():
         async with get_client() as client:

@@ -4,15 +4,15 @@ import pytest
 import yaml
 
 from sft_pipeline.params import ParamsError, load, parse
-from tests.conftest import ROOT
+from tests.conftest import DEFAULT_PARAMS, ROOT
 
 
 def raw_params() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return yaml.safe_load((DEFAULT_PARAMS).read_text())
 
 
 def test_project_params_load_and_are_frozen():
-    params = load(ROOT / "params.yaml")
+    params = load(DEFAULT_PARAMS)
     assert params.split.ratios == {"train": 0.8, "validation": 0.1, "test": 0.1}
     assert params.model.trust_remote_code is False
     with pytest.raises(Exception):
@@ -132,5 +132,5 @@ def test_the_check_command_exits_2_and_names_the_key(tmp_path, capsys):
     path.write_text(yaml.safe_dump(raw))
     assert main(["--params", str(path)]) == 2
     assert "train.prompt_tuning: options of strategy 'prompt_tuning'" in capsys.readouterr().err
-    assert main(["--params", str(ROOT / "params.yaml")]) == 0
+    assert main(["--params", str(DEFAULT_PARAMS)]) == 0
     assert "strategy: full" in capsys.readouterr().out

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import ROOT, make_project, synthetic_rows, write_csv
+from tests.conftest import DEFAULT_PARAMS, ROOT, make_project, synthetic_rows, write_csv
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+PARAMS = yaml.safe_load((DEFAULT_PARAMS).read_text())
 
 
 PACKAGES = ("stages", "sft_pipeline")

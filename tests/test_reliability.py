@@ -27,7 +27,7 @@ from sft_pipeline import training
 from sft_pipeline.io import StageError
 from sft_pipeline.params import Model, parse
 from stages import clean, evaluate, split, tokenize, train, validate
-from tests.conftest import ROOT, copy_code, project_params, synthetic_rows, write_csv
+from tests.conftest import DEFAULT_PARAMS, ROOT, copy_code, project_params, synthetic_rows, write_csv
 from tests.test_pipeline import dvc, ran_stages
 
 # Resumed and uninterrupted runs see the same batches in the same order (the Trainer restores the RNG states and
@@ -229,7 +229,7 @@ def test_remote_code_is_off_by_default_and_passed_to_every_loader(monkeypatch):
     from sft_pipeline.modeling import load_pretrained
 
     assert Model(name="x").trust_remote_code is False
-    assert yaml.safe_load((ROOT / "params.yaml").read_text())["model"]["trust_remote_code"] is False
+    assert yaml.safe_load((DEFAULT_PARAMS).read_text())["model"]["trust_remote_code"] is False
     seen = []
 
     class Stop(Exception):

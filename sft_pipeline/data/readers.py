@@ -41,13 +41,15 @@ class Field:
 
     A required field must be a column of the file (else the file cannot be read) and a key of each JSON record (else
     the record is rejected); an absent or empty optional field is None. `strings_only`: in Parquet, the column must
-    hold strings (a label or an id may also be integers).
+    hold strings (a label or an id may also be integers). `structured`: the value may be a JSON list or object (a
+    chat's `messages`), kept as its JSON text; in CSV and TSV such a value is a cell holding JSON text.
     """
 
     name: str
     column: str
     required: bool = False
     strings_only: bool = False
+    structured: bool = False
 
 
 @dataclass
@@ -122,6 +124,8 @@ def _row_values(get, fields: list[Field]) -> dict:
             return ""
         if isinstance(value, float) and value != value:  # NaN
             return ""
+        if isinstance(value, (list, dict)):
+            return json.dumps(value, ensure_ascii=False)
         return value if isinstance(value, str) else str(value)
 
     values = {}
@@ -268,7 +272,7 @@ def _accept_object(result: FileRead, number: int, obj: dict, fields: list[Field]
         result.reject(number, MISSING_FIELD, f"no key {', '.join(map(repr, missing))}", original,
                       None if record_id is None else str(record_id))
         return
-    bad = [key for key in _required(fields) if isinstance(obj[key], (dict, list))]
+    bad = [f.column for f in fields if f.required and not f.structured and isinstance(obj[f.column], (dict, list))]
     if bad:
         result.reject(number, INVALID_JSON, f"{', '.join(bad)}: expected a string, found a JSON container", original)
         return
@@ -291,6 +295,8 @@ def read_json_array(path: Path, data: bytes, fields: list[Field], fallback: str 
             f"{path}: line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg}); "
             f"a JSON file is parsed whole, so fix it, or use JSON Lines to have bad lines rejected one by one"
         ) from None
+    if isinstance(doc, dict) and any(f.structured and f.column in doc for f in fields):
+        doc = [doc]  # one conversation saved as one object ({"conversations": [...]}): one record
     if not isinstance(doc, list):
         raise StageError(f"{path}: expected a JSON array of objects at the top level, found {type(doc).__name__}")
     keys = set().union(*(obj for obj in doc if isinstance(obj, dict))) if doc else set()
@@ -320,8 +326,12 @@ def read_parquet(path: Path, fields: list[Field], fallback: str | None) -> FileR
     _require_columns(path, table.column_names, fields)
     wanted = [f.column for f in fields if f.column in table.column_names]
     strings_only = {f.column for f in fields if f.strings_only}
+    structured = {f.column for f in fields if f.structured}
     for name in wanted:
         kind = table.schema.field(name).type
+        if name in structured and (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_struct(kind)
+                                   or pa.types.is_map(kind)):
+            continue
         if pa.types.is_dictionary(kind):
             kind = kind.value_type
         textual = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)

@@ -1,6 +1,7 @@
 """The tasks the pipeline can learn, by `task.type`; each is one module behind the interface in `base.py`.
 
     classification   text -> one of a declared set of labels (sft_pipeline/tasks/classification.py)
+    instruction      a conversation -> the assistant's answer, a causal LM (sft_pipeline/tasks/instruction.py)
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from pathlib import Path
 from sft_pipeline.io import StageError
 from sft_pipeline.tasks.base import Task
 from sft_pipeline.tasks.classification import Classification
+from sft_pipeline.tasks.instruction import Instruction
 
-TASKS: dict[str, Task] = {task.name: task for task in (Classification(),)}
+TASKS: dict[str, Task] = {task.name: task for task in (Classification(), Instruction())}
 # Written by tokenize beside the tokenized data: the task and what train and evaluate need of it (the labels).
 META_FILE = "task.json"
 

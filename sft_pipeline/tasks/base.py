@@ -51,6 +51,8 @@ class Evaluation:
     mlflow_metrics: dict[str, float]
     figures: dict[str, Callable[[str], None]] = field(default_factory=dict)
     summary: str = ""
+    #: tables for the MLflow run (`mlflow.log_table`): artifact file name -> frame
+    tables: dict[str, "pd.DataFrame"] = field(default_factory=dict)
 
 
 class Task(ABC):
@@ -64,8 +66,13 @@ class Task(ABC):
     auto_class: ClassVar[str]
     #: peft's TaskType for the adapter strategies, e.g. "SEQ_CLS"
     peft_task_type: ClassVar[str]
-    #: the validation metric (a key of compute_metrics) that picks the best epoch; higher is better
+    #: the validation metric (a key of compute_metrics, or "loss") that picks the best epoch
     best_metric: ClassVar[str]
+    #: whether a higher best_metric is better (False for a loss)
+    greater_is_better: ClassVar[bool] = True
+    #: whether the task's model class adds a new head to the pretrained model (a classifier does; a causal LM's
+    #: output layer is pretrained), which every strategy then trains
+    new_head: ClassVar[bool] = True
 
     # ------------------------------------------------------------------------------------------- clean
 
@@ -109,6 +116,10 @@ class Task(ABC):
 
     # ------------------------------------------------------------------------------------------- tokenize
 
+    def prepare_tokenizer(self, tokenizer, options):
+        """Set up the tokenizer before tokenize saves it for train, evaluate and serving (e.g. a chat template)."""
+        return tokenizer
+
     @abstractmethod
     def encode(self, splits: dict[str, "pd.DataFrame"], tokenizer, options, cache: "memo.TokenCache") -> Encoded:
         """Token ids and training targets for every split, unpadded; `cache` serves texts encoded before."""
@@ -120,18 +131,21 @@ class Task(ABC):
         """Extra `from_pretrained` arguments that shape the model for this task (e.g. the classifier's labels)."""
 
     @abstractmethod
-    def collator(self, tokenizer, device: str):
-        """Pads a list of dataset rows into a batch."""
+    def collator(self, tokenizer, device: str, options=None):
+        """Pads a list of dataset rows into a batch (`options`: the train section)."""
 
-    @abstractmethod
-    def compute_metrics(self, eval_pred) -> dict:
-        """Validation metrics from the Trainer's (predictions, label_ids); holds `best_metric`."""
+    #: Validation metrics from the Trainer's (predictions, label_ids), holding `best_metric`; None: the validation
+    #: loss alone (the Trainer then keeps no logits, which for a language model would be rows x tokens x vocabulary)
+    compute_metrics: ClassVar[Callable | None] = None
 
     # ------------------------------------------------------------------------------------------- evaluate
 
     @abstractmethod
-    def evaluate(self, model, tokenizer, test, rows: "pd.DataFrame", meta: dict, options, device: str) -> Evaluation:
-        """Score the trained model on the tokenized test split; `rows` are the same rows as text."""
+    def evaluate(self, model, tokenizer, test, rows: "pd.DataFrame", meta: dict, options, device: str,
+                 base: Callable[[], Any] | None = None) -> Evaluation:
+        """Score the trained model on the tokenized test split; `rows` are the same rows as text (the split's
+        Parquet file; a tokenized row's `row`, where the task drops rows, is its position there). `base` loads the
+        untuned base model, for a task that compares against it."""
 
     def metrics_lines(self, metrics: dict) -> list[str]:
         """The test metrics (the DVC metrics file) in a few lines, for `python -m sft_pipeline.summary`."""

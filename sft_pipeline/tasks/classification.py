@@ -209,7 +209,7 @@ class Classification(Task):
         return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                 "label2id": {label: i for i, label in enumerate(labels)}, "pad_token_id": tokenizer.pad_token_id}
 
-    def collator(self, tokenizer, device: str):
+    def collator(self, tokenizer, device: str, options=None):
         from transformers import DataCollatorWithPadding
 
         # Pad each batch to its longest row; multiples of 8 suit tensor cores and cost nothing on a CPU.
@@ -227,7 +227,7 @@ class Classification(Task):
 
     # evaluate
 
-    def evaluate(self, model, tokenizer, test, rows, meta, options: Evaluate, device: str) -> Evaluation:
+    def evaluate(self, model, tokenizer, test, rows, meta, options: Evaluate, device: str, base=None) -> Evaluation:
         labels = meta["labels"]
         probs = predict_proba(model, tokenizer, test["input_ids"], options.batch_size, device)
         predicted = [labels[i] for i in probs.argmax(axis=1)]
