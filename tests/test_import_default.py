@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from stages import clean, validate
-from sft_pipeline.defaults import import_chat_data, import_data, import_smollm2, smollm2_gguf, use_example
+from sft_pipeline.defaults import CHAT_CATEGORIES, import_chat_data, import_data, import_smollm2, smollm2_gguf, use_example
 from sft_pipeline.defaults import main as defaults_main
 from sft_pipeline.io import StageError
 from sft_pipeline.params import parse
@@ -56,7 +56,7 @@ def _chat_rows(path):
 
 
 def test_chat_import_writes_every_english_conversation_as_read(tmp_path, capsys):
-    [target] = import_chat_data(tmp_path / "raw")
+    [target] = import_chat_data(tmp_path / "raw", categories=None)
     assert target == tmp_path / "raw" / "chatterbot_english.jsonl"
     rows = _chat_rows(target)
     assert len(rows) == 2026 and sum(len(row["messages"]) for row in rows) == 4332
@@ -81,13 +81,21 @@ def test_chat_import_writes_every_english_conversation_as_read(tmp_path, capsys)
     assert "wrote 2026 conversations, 4332 turns, 44 ending with a user turn" in capsys.readouterr().out
 
     before = target.stat()
-    assert import_chat_data(tmp_path / "raw") == [target]
+    assert import_chat_data(tmp_path / "raw", categories=None) == [target]
     assert "up to date" in capsys.readouterr().out
     assert (target.stat().st_ino, target.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
+def test_the_example_takes_its_categories_only(tmp_path):
+    [target] = import_chat_data(tmp_path / "raw")
+    rows = _chat_rows(target)
+    categories = {row["id"].split("/")[1] for row in rows}
+    assert categories == set(CHAT_CATEGORIES) and len(rows) == 422
+    assert sum(len(row["messages"]) % 2 for row in rows) == 8  # 7 in conversations.yml, 1 in psychology.yml
+
+
 def test_chat_import_of_simplified_chinese(tmp_path):
-    [target] = import_chat_data(tmp_path, languages=("chinese",))
+    [target] = import_chat_data(tmp_path, languages=("chinese",), categories=None)
     rows = _chat_rows(target)
     assert target.name == "chatterbot_chinese.jsonl" and len(rows) == 467
     assert sum(len(row["messages"]) for row in rows) == 1019 and sum(len(row["messages"]) % 2 for row in rows) == 7
@@ -172,7 +180,7 @@ def test_defaults_main_switches_params_and_imports_that_examples_data(tmp_path, 
     # Without --example, params.yaml stays and its task.type picks the example; your edits are not an error.
     params.write_text(params.read_text().replace("epochs: 1", "epochs: 2"))
     assert defaults_main(["--params", str(params), "--only", "data"]) == 0
-    assert "chatterbot_english.jsonl: up to date (2026 conversations" in capsys.readouterr().out
+    assert "chatterbot_english.jsonl: up to date (422 conversations" in capsys.readouterr().out
     assert defaults_main(["--params", str(params), "--example", "classification", "--only", "data"]) == 1
     assert "holds edits of yours" in capsys.readouterr().err
 

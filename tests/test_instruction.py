@@ -384,6 +384,43 @@ def test_answer_scores_read_every_script_and_small_answer_sets_score_as_labels()
     assert instruction.as_label("maybe", ["negative", "positive"]) == instruction.OTHER
 
 
+def test_answers_from_a_small_set_are_scored_as_labels_for_tuned_and_base(tmp_path, tiny_lm, tokenizer):
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Is review {i} positive? Answer yes or no."},
+                                        {"role": "assistant", "content": "yes" if i % 2 else "no"}]}
+            for i in range(60)]
+    params = parse(instruction_params(tmp_path, tiny_lm, split={"ratios": {"train": 0.5, "validation": 0.1,
+                                                                          "test": 0.4}},
+                                      evaluate={"max_rows": None, "max_new_tokens": 3}))
+    write_jsonl(params.paths.raw_dir / "chat.jsonl", rows)
+    from stages import clean, split, tokenize, validate
+
+    for stage in (clean, validate, split, tokenize):
+        stage.run(params)
+    test = load_from_disk(str(params.paths.tokenized_dir / "data"))["test"]
+    frame = pd.read_parquet(params.paths.split_dir / "test.parquet")
+    meta = tasks.read_meta(params.paths.tokenized_dir, TASK)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_lm)).eval()
+    evaluation = TASK.evaluate(model, tokenizer, test, frame, meta, params.evaluate, "cpu",
+                               base=lambda: AutoModelForCausalLM.from_pretrained(str(tiny_lm)).eval())
+    metrics = evaluation.metrics
+    assert metrics["classification_like"] is True and metrics["generated_rows"] == len(frame)
+    # The tuned and the base model are the same weights here: the same answers, the same scores, zero gain.
+    assert metrics["tuned"] == metrics["base"] and set(metrics["gain"].values()) == {0.0}
+    assert {"accuracy", "macro_f1"} <= set(metrics["tuned"])
+    assert evaluation.details["labels"] == ["no", "yes"]
+    predicted = evaluation.predictions["predicted"]
+    assert set(predicted) <= {"no", "yes", instruction.OTHER}
+    assert metrics["tuned"]["accuracy"] == pytest.approx(
+        float((predicted == evaluation.predictions["actual"]).mean()), abs=1e-4)
+    assert list(evaluation.figures) == ["confusion_matrix.png"]
+    assert {"test_accuracy", "base_test_macro_f1", "gain_chrf"} <= set(evaluation.mlflow_metrics)
+    evaluation.figures["confusion_matrix.png"](str(tmp_path / "cm.png"))
+    assert (tmp_path / "cm.png").stat().st_size > 1000
+
+
 def test_the_served_model_takes_messages_prompts_and_frames():
     conv = [{"role": "user", "content": "Hi"}]
     assert instruction.conversations_of("Hi") == [conv]
@@ -452,7 +489,7 @@ def test_dvc_repro_trains_an_assistant_registers_it_and_serves_messages(tmp_path
     assert list(table.columns[:6]) == ["id", "source", "prompt", "reference", "base_answer", "tuned_answer"]
     assert len(table) == metrics["generated_rows"]
     promotion = json.loads((root / "reports/promotion.json").read_text())
-    assert promotion["alias"] == CHAMPION and promotion["metric"] == "test_chrf"
+    assert promotion["alias"] == CHAMPION and promotion["metric"] == "test_rouge_l"
 
     params = parse(yaml.safe_load((root / "params.yaml").read_text()))
     paths = params.paths.model_copy(update={k: root / v for k, v in params.paths.model_dump().items()

@@ -61,7 +61,7 @@ def cache_key(task, options) -> dict:
     """What a file's cleaned rows depend on besides its bytes and name: the task, its params, the code that reads."""
     return {"task": task.name, "options": options.model_dump(mode="json"),
             "code": memo.source_digest(__name__, "sft_pipeline.data.readers", "sft_pipeline.data.text",
-                                       type(task).__module__),
+                                       type(task).__module__, *task.clean_modules),
             "libraries": memo.library_versions("pandas", "pyarrow")}
 
 

@@ -70,6 +70,8 @@ class Task(ABC):
     best_metric: ClassVar[str]
     #: whether a higher best_metric is better (False for a loss)
     greater_is_better: ClassVar[bool] = True
+    #: modules besides the task's own that shape its cleaned rows (part of clean's cache key)
+    clean_modules: ClassVar[tuple[str, ...]] = ()
     #: whether the task's model class adds a new head to the pretrained model (a classifier does; a causal LM's
     #: output layer is pretrained), which every strategy then trains
     new_head: ClassVar[bool] = True

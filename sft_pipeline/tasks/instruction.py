@@ -129,7 +129,7 @@ class Evaluate(common.Evaluate):
 
 class Mlflow(common.Mlflow):
     registered_model: str = "sft-assistant"
-    promotion_metric: str = "test_chrf"
+    promotion_metric: str = "test_rouge_l"
 
 
 class TaskSection(common.Task):
@@ -172,6 +172,7 @@ class Instruction(Task):
     greater_is_better = False
     new_head = False
     compute_metrics = None
+    clean_modules = ("sft_pipeline.chat",)
 
     # clean
 
