@@ -149,7 +149,7 @@ def test_example_switch_replaces_only_an_unedited_example(tmp_path, capsys):
     assert (params.stat().st_ino, params.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert capsys.readouterr().out == f"{params}: is {tmp_path}/examples/instruction.yaml\n"
 
-    edited = instruction.replace(b"epochs: 1", b"epochs: 2")
+    edited = instruction + b"# an edit of yours\n"
     params.write_bytes(edited)
     with pytest.raises(StageError, match=r"holds edits of yours .*`cp .*examples/classification.yaml .*params.yaml`"
                                          r".*`dvc repro`"):
@@ -178,7 +178,7 @@ def test_defaults_main_switches_params_and_imports_that_examples_data(tmp_path, 
     assert params.read_bytes() == (tmp_path / "examples" / "instruction.yaml").read_bytes()
     assert sorted(p.name for p in (tmp_path / "data" / "raw").iterdir()) == ["chatterbot_english.jsonl"]
     # Without --example, params.yaml stays and its task.type picks the example; your edits are not an error.
-    params.write_text(params.read_text().replace("epochs: 1", "epochs: 2"))
+    params.write_text(params.read_text() + "# an edit of yours\n")
     assert defaults_main(["--params", str(params), "--only", "data"]) == 0
     assert "chatterbot_english.jsonl: up to date (422 conversations" in capsys.readouterr().out
     assert defaults_main(["--params", str(params), "--example", "classification", "--only", "data"]) == 1
