@@ -60,6 +60,8 @@ def run(params: Params) -> dict:
     write_frame(paths.validated, kept)
     extra = f"; classes {report['classes']}" if "classes" in report else ""
     print(f"validate: {report['rows_in']} rows in, {report['kept']} kept, rejected {report['rejected']}{extra}")
+    for warning in task.warnings(report):
+        print(f"validate: warning: {warning}")
     return report
 
 

@@ -186,6 +186,18 @@ def test_validate_rejects_each_bad_conversation_with_its_reason(tmp_path):
     assert report["conversations"]["multi_turn"] == 3 and report["conversations"]["assistant_turns"] == 15
 
 
+def test_template_placeholders_are_counted_and_named(tmp_path):
+    rows = conversations(12)
+    rows[0]["messages"][1]["content"] = "I am {{name}}, made by {{ author }}."
+    rows[1]["messages"][1]["content"] = "Call me {{name}}."
+    write_jsonl(tmp_path / "raw/a.jsonl", rows)
+    (kept, _, _), params = clean_rows(tmp_path / "raw")
+    _, _, report = validation.validate_rows(TASK, kept, params.validate_)
+    assert report["template_placeholders"] == {"rows": 2, "names": {"name": 2, "author": 1}}
+    assert TASK.warnings(report) == ["2 conversations hold template placeholders ({{name}}, {{author}}); they train "
+                                     "as written. Fill them in before training if they are meant to be replaced."]
+
+
 def test_prompts_asked_twice_with_different_answers_are_counted_and_kept(tmp_path):
     rows = conversations(12)
     rows += [{"id": "again", "messages": [rows[1]["messages"][0], {"role": "assistant", "content": "Not Paris"}]}]
@@ -503,5 +515,6 @@ def test_dvc_repro_trains_an_assistant_registers_it_and_serves_messages(tmp_path
     answers = model.predict(pd.DataFrame({"messages": [first[:-1]]}))
     assert list(answers.columns) == ["answer"]
     assert answers["answer"].iloc[0] == table["tuned_answer"].fillna("").iloc[0]
+    assert len(model.predict(pd.DataFrame({"prompt": ["Capital of Spain?"], "system": ["Be brief."]}))) == 1
     again = dvc(root, "repro").stdout
     assert "Running stage" not in again

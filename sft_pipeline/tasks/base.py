@@ -106,6 +106,10 @@ class Task(ABC):
         """The task's own lines of `reports/validation.md`."""
         return []
 
+    def warnings(self, report: dict) -> list[str]:
+        """What the data holds that trains but may not be meant to (validate prints each; the run goes on)."""
+        return []
+
     # ------------------------------------------------------------------------------------------- split
 
     @abstractmethod

@@ -270,7 +270,10 @@ class Instruction(Task):
                     f"message); assistant turns {c['assistant_turns']}; turns per conversation mean {c['turns_mean']}, "
                     f"max {c['turns_max']}.",
                 f"Prompts asked more than once with different answers: {d['prompts']} ({d['rows']} rows; allowed, "
-                f"the model sees every answer)."]
+                f"the model sees every answer)."] + placeholder_lines(report)
+
+    def warnings(self, report: dict) -> list[str]:
+        return [line.removeprefix("**Warning**: ") for line in placeholder_lines(report)]
 
     # split
 
@@ -458,7 +461,8 @@ class Instruction(Task):
         message = Object([Property("role", "string"), Property("content", "string")])
         return ModelSignature(
             inputs=Schema([ColSpec(Array(message), "messages", required=False),
-                           ColSpec("string", "prompt", required=False)]),
+                           ColSpec("string", "prompt", required=False),
+                           ColSpec("string", "system", required=False)]),
             outputs=Schema([ColSpec("string", "answer")]))
 
     def predict(self, model, tokenizer, model_input, config: dict) -> pd.DataFrame:
@@ -509,6 +513,15 @@ def normalize_turn(text: str, options: Clean) -> str:
     return text.strip()
 
 
+def placeholder_lines(report: dict) -> list[str]:
+    p = report["template_placeholders"]
+    if not p["rows"]:
+        return []
+    names = ", ".join("{{" + name + "}}" for name in p["names"])
+    return [f"**Warning**: {p['rows']} conversations hold template placeholders ({names}); they train as written. "
+            f"Fill them in before training if they are meant to be replaced."]
+
+
 def conversation_report(kept: pd.DataFrame) -> dict:
     conversations = [json.loads(m) for m in kept["messages"]]
     turns = [len(c) for c in conversations]
@@ -519,6 +532,12 @@ def conversation_report(kept: pd.DataFrame) -> dict:
         contexts[key] += 1
         answers.setdefault(key, set()).add(c[-1]["content"])
     several = [k for k, a in answers.items() if len(a) > 1]
+    placeholders = Counter()
+    placeholder_rows = 0
+    for c in conversations:
+        found = {name for m in c for name in _PLACEHOLDER.findall(m["content"])}
+        placeholder_rows += bool(found)
+        placeholders.update(found)
     examples = sorted(several, key=lambda k: -len(answers[k]))[:10]
     return {
         "conversations": {
@@ -529,6 +548,9 @@ def conversation_report(kept: pd.DataFrame) -> dict:
             "turns_mean": round(float(np.mean(turns)), 2) if turns else 0.0,
             "turns_max": max(turns, default=0),
         },
+        # Template placeholders such as {{name}} (LLaMA-Factory's identity data) are meant to be filled in before
+        # training; they train as written, so they are counted and named here.
+        "template_placeholders": {"rows": placeholder_rows, "names": dict(placeholders.most_common(20))},
         "duplicate_prompts": {
             "prompts": len(several),
             "rows": sum(contexts[k] for k in several),
@@ -650,6 +672,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], batch_size: int,
     return answers
 
 
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
 _CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af])")
 
