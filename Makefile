@@ -52,7 +52,7 @@ params: $(STAMP)       ## check params.yaml (unknown keys, settings of another t
 merge: $(STAMP)
 	$(BIN)/python -m sft_pipeline.merge
 
-# Benchmarks against the seed recipe, HF Trainer and a bare loop (about 35 minutes on 2 cores; QUICK=1 for a smoke
+# Benchmarks against the seed recipe, HF Trainer and a bare loop (about 65 minutes on 2 cores; QUICK=1 for a smoke
 # run); writes bench/results/*.json and bench/results/README.md.
 .PHONY: bench
 bench: $(STAMP)

@@ -1,8 +1,9 @@
 """Run the benchmarks and write bench/results/*.json and bench/results/README.md.
 
-    make bench                                   # everything, about 55 minutes on 2 CPU cores
+    make bench                                   # everything, about 65 minutes on 2 CPU cores
     python -m bench.run --quick                  # smaller sizes and fewer steps, a few minutes
-    python -m bench.run --only train,tokenize    # a subset: train, tokenize, scale, incremental, strategies
+    python -m bench.run --only train,tokenize    # a subset: train, tokenize, scale, incremental, strategies,
+                                                 # instruction
 
 Every benchmark measures its baseline in the same run and reports ratios, because absolute times on a shared
 machine move with its load; the machine is described in each JSON file and in the README.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from bench.common import RESULTS, machine, save
 
-BENCHES = ("train", "tokenize", "scale", "incremental", "strategies")
+BENCHES = ("train", "tokenize", "scale", "incremental", "strategies", "instruction")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                 data = run(work, args.quick)
             elif name == "strategies":
                 from bench.strategies_bench import run
+
+                data = run(work, args.quick)
+            elif name == "instruction":
+                from bench.instruction_bench import run
 
                 data = run(work, args.quick)
             else:
@@ -169,6 +174,23 @@ def write_readme(results: Path) -> None:
                          f"| {r['first_epoch_s']} | {r['later_epoch_mean_s']} | {v['epoch_after_first_speedup']}x "
                          f"| {r['train_stage_s']} | {r['peak_rss_mb']} | {r['saved_mb']} |")
         lines += ["", "Goals: " + "; ".join(f"{k}: {_mark(v)}" for k, v in t["goals"].items()), ""]
+    if "instruction" in found:
+        t = found["instruction"]
+        lines += ["## 6. Instruction SFT throughput (answer tokens/s)", "",
+                  f"{t['data']}; {t['model']}; batch {t['batch_size']}, {t['steps']} timed steps after "
+                  f"{t['warmup_steps']} warm-up; same rows, adapter and optimizer for every contender.", "",
+                  "| contender | train s (fastest repeat) | repeats s | CPU/wall | answer tokens/s | real tokens/s "
+                  "| pad fraction | first-step loss |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|"]
+        for c in t["contenders"]:
+            lines.append(f"| {c['contender']} | {c['train_s']} | {', '.join(map(str, c['repeats_train_s']))} "
+                         f"| {c['cpu_per_wall_s']} | {c['answer_tokens_per_s']} | {c['real_tokens_per_s']} "
+                         f"| {c['pad_fraction']:.1%} | {c['first_step_loss']:.5f} |")
+        lines += ["", "Ratios (answer tokens/s): " + ", ".join(f"{k} {v}" for k, v in t["ratios"].items()), "",
+                  "Ratios (real tokens/s): " + ", ".join(f"{k} {v}" for k, v in
+                                                         t["ratios_real_tokens_per_s"].items()), "",
+                  "Goals: " + "; ".join(f"{k}: {_mark(g['met'])} ({g['value']})" for k, g in t["goals"].items()),
+                  ""]
     notes = results / "NOTES.md"
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]

@@ -8,18 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-from sft_pipeline import chat, strategies, tasks
+from sft_pipeline import strategies, tasks
 from sft_pipeline.data import cleaning, validation
 from sft_pipeline.io import StageError
 from sft_pipeline.params import ParamsError, parse
 from sft_pipeline.tasks import instruction
-from tests.conftest import DEFAULT_PARAMS, ROOT, copy_code
+from tests.conftest import DEFAULT_PARAMS, copy_code
 
 TASK = tasks.get("instruction")
 CAPITALS = {"France": "Paris", "Italy": "Rome", "Germany": "Berlin", "Spain": "Madrid", "Portugal": "Lisbon",
@@ -389,8 +388,7 @@ def test_answer_scores_read_every_script_and_small_answer_sets_score_as_labels()
     assert scores["exact_match"] == pytest.approx(2 / 3, abs=1e-4)
     assert scores["rouge_l"] == pytest.approx(2 / 3, abs=1e-4)  # 1, 1, 0
     assert instruction.answer_scores(["正面"], ["正面"])["rouge_l"] == 1.0  # rouge-score alone gives 0.0 here
-    assert instruction.label_set(["积极", "消极", "积极 ", "消极", "积极"]) == ["消极", "积极"] or \
-        sorted(instruction.label_set(["积极", "消极", "积极 ", "消极", "积极"])) == ["消极", "积极"]
+    assert instruction.label_set(["积极", "消极", "积极 ", "消极", "积极"]) == ["消极", "积极"]  # sorted, one form each
     assert instruction.label_set(["a", "b", "c"]) is None  # each seen once: free text
     assert instruction.as_label(" Positive.", ["negative", "positive"]) == "positive"
     assert instruction.as_label("maybe", ["negative", "positive"]) == instruction.OTHER
