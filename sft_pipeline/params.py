@@ -73,6 +73,10 @@ class Task(Section):
 class Clean(Section):
     # Tried only for a line (CSV/TSV/JSONL) or value (Parquet) that is not valid UTF-8; null rejects such rows.
     fallback_encoding: str | None = None
+    # TSV files are read without quote processing: most TSV exports do not quote, and quotes are text (`"Great" movie`
+    # keeps them; a stray quote cannot join lines). true reads them as CSV quoting (a quoted field may hold tabs and
+    # line breaks), for a TSV written with quotes.
+    tsv_quoting: bool = False
 
     @field_validator("fallback_encoding")
     @classmethod

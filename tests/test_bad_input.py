@@ -169,3 +169,41 @@ def test_unreadable_file_stops_clean_naming_file_and_line(tmp_path, fixture, cap
     assert not params.paths.clean.exists() and not params.paths.clean_report.exists()
     with pytest.raises(StageError):
         clean.run(params)
+
+
+# Defects of files that an annotation tool or a hand edit produces, written here (a few lines each) rather than kept
+# as fixture files: {file: (content, kept {line: (text, label)}, rejected [(line, reason)])}.
+INLINE = {
+    # The issue's example: a stray quote on line 2 would swallow lines 3-5 into one text labelled sport.
+    "stray_quote.csv": ('id,text,label\n1,"Bad quote one,sport\n2,row two of the file,tech\n'
+                        '3,row three of the file,tech\n4,"Bad quote four,sport\n',
+                        {3: ("row two of the file", "tech"), 4: ("row three of the file", "tech")},
+                        [(2, "malformed_line"), (5, "malformed_line")]),
+    # Unquoted TSV: the quotes are text, and the stray one joins nothing.
+    "quotes.tsv": ('id\ttext\tlabel\n1\t"Great" match for the team\tsport\n2\t"Stray quote in a text\ttech\n',
+                   {2: ('"Great" match for the team', "sport"), 3: ('"Stray quote in a text', "tech")}, []),
+    # Label Studio: two annotators of task 1 (votes of one text), a skipped annotation, a task nobody annotated.
+    "export.json": (json.dumps([
+        {"id": 7, "data": {"text": "The striker scored twice"}, "annotations": [
+            {"completed_by": 1, "result": [{"from_name": "topic", "value": {"choices": ["sport"]}}]},
+            {"completed_by": 2, "result": [{"from_name": "topic", "value": {"choices": ["sports"]}}]},
+            {"completed_by": 3, "was_cancelled": True, "result": []}]},
+        {"id": 8, "data": {"text": "Nobody looked at this one"}, "annotations": []}]),
+        {1: ("The striker scored twice", "sport")}, [(1, "cancelled"), (1, "merged_vote"), (2, "unlabelled")]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INLINE))
+def test_inline_defect_rows_are_kept_or_quarantined_with_a_reason(tmp_path, name):
+    content, expected_rows, expected_rejected = INLINE[name]
+    params = parse(project_params(tmp_path, validate__max_reject_fraction=1.0))
+    write_csv(params.paths.raw_dir / "good.csv", synthetic_rows(12, seed=5))
+    (params.paths.raw_dir / name).write_text(content, encoding="utf-8")
+    kept, rejected, clean_report, validation = run_clean_and_validate(params)
+
+    mine = kept[kept["source_file"] == name]
+    assert {int(r.line): (r.text, r.label) for r in mine.itertuples()} == expected_rows
+    quarantined = rejected[rejected["source_file"] == name].sort_values(["line", "reason"])
+    assert [(int(r.line), r.reason) for r in quarantined.itertuples()] == expected_rejected
+    assert quarantined["detail"].notna().all()
+    assert_row_accounting(kept, rejected, clean_report, validation)

@@ -74,10 +74,10 @@ def test_unbalanced_quote_rejects_one_line_and_keeps_the_rest(tmp_path):
     assert [r["id"] for r in read.records] == ["2", "3"]
 
 
-def test_tsv_bom_and_multiline_quoted_field(tmp_path):
+def test_tsv_bom_and_multiline_quoted_field_with_quoting_on(tmp_path):
     path = tmp_path / "a.tsv"
     path.write_bytes("\ufeffid\ttext\tlabel\n1\t\"two\nlines\"\tsport\n2\tnext\ttech\n".encode())
-    read = read_file(path, COLUMNS, fallback=None)
+    read = read_file(path, COLUMNS, fallback=None, tsv_quoting=True)
     assert [(r["line"], r["text"]) for r in read.records] == [(2, "two\nlines"), (4, "next")]
 
 

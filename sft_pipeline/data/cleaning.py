@@ -45,7 +45,7 @@ def clean_file(path: Path, name: str, task, options) -> tuple[pd.DataFrame, pd.D
     """(normalised rows, rejected rows, what the report needs) for one raw file: everything but the duplicates,
     which are found across files."""
     fields = task.fields(options)
-    read = read_file(path, fields, options.fallback_encoding)
+    read = read_file(path, fields, options.fallback_encoding, tsv_quoting=options.tsv_quoting)
     records, rejected = frames_from_read(read, name, [f.name for f in fields])
     ids = {r["line"]: r.get("id") for r in read.records}
     summary = {

@@ -122,7 +122,8 @@ class Classification(Task):
     def fields(self, options: Clean) -> list[ReadField]:
         c = options.columns
         return [ReadField("id", c.id), ReadField("text", c.text, required=True, strings_only=True),
-                ReadField("label", c.label, required=True), ReadField("annotator", c.annotator)]
+                ReadField("label", c.label, required=True, choice=True),
+                ReadField("annotator", c.annotator, annotator=True)]
 
     def normalize(self, records: pd.DataFrame, options: Clean) -> pd.DataFrame:
         out = records.rename(columns={"text": "text_raw"})
