@@ -143,7 +143,7 @@ def context_of(messages: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ templates
 
 
-def resolve_template(tokenizer, choice: str | None, base_dir=None) -> None:
+def resolve_template(tokenizer, choice: str | None) -> None:
     """Give `tokenizer` the chat template of `tokenize.chat_template` (a name of NAMED_TEMPLATES, or a path to a
     Jinja file); with null, the model's own, which it must have."""
     from pathlib import Path
@@ -158,7 +158,7 @@ def resolve_template(tokenizer, choice: str | None, base_dir=None) -> None:
     if choice in NAMED_TEMPLATES:
         tokenizer.chat_template = NAMED_TEMPLATES[choice]
         return
-    path = Path(choice) if base_dir is None else Path(base_dir) / choice
+    path = Path(choice)
     if not path.is_file():
         raise StageError(f"tokenize.chat_template: {choice!r} is neither one of {', '.join(NAMED_TEMPLATES)} nor a "
                          f"file")

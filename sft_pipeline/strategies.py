@@ -234,13 +234,7 @@ def load_trained(model_dir: Path, base: str | None = None, trust_remote_code: bo
     if info["strategy"] in ADAPTERS:
         from peft import PeftModel
 
-        from sft_pipeline.modeling import load_pretrained
-
-        base_source = Model(name=resolve_base(info, base), revision=info["base"]["revision"],
-                            trust_remote_code=trust_remote_code)
-        kwargs = task.model_kwargs(info["meta"], tokenizer)
-        backbone, _ = load_pretrained(base_source.name, base_source, task.auto_class, kwargs)
-        model = PeftModel.from_pretrained(backbone, str(model_dir))
+        model = PeftModel.from_pretrained(_base_model(info, tokenizer, base, trust_remote_code), str(model_dir))
     else:
         try:
             model = auto_class(task.auto_class).from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
@@ -249,18 +243,24 @@ def load_trained(model_dir: Path, base: str | None = None, trust_remote_code: bo
     return model.to(device).eval(), tokenizer, info
 
 
-def load_base(model_dir: Path, base: str | None = None, trust_remote_code: bool = False, device: str = "cpu"):
-    """The base model a folder written by `save` was trained from, untuned, shaped for its task, in eval mode."""
+def _base_model(info: dict, tokenizer, base: str | None, trust_remote_code: bool):
+    """The pretrained model named by a trained folder's info, shaped for its task (labels, pad token)."""
     from sft_pipeline import tasks
-    from sft_pipeline.modeling import load_pretrained, load_tokenizer
+    from sft_pipeline.modeling import load_pretrained
 
-    info = read_info(model_dir)
     task = tasks.get(info["task"])
     source = Model(name=resolve_base(info, base), revision=info["base"]["revision"],
                    trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(model_dir, Model(name=str(model_dir), trust_remote_code=trust_remote_code))
     model, _ = load_pretrained(source.name, source, task.auto_class, task.model_kwargs(info["meta"], tokenizer))
-    return model.to(device).eval()
+    return model
+
+
+def load_base(model_dir: Path, base: str | None = None, trust_remote_code: bool = False, device: str = "cpu"):
+    """The base model a folder written by `save` was trained from, untuned, shaped for its task, in eval mode."""
+    from sft_pipeline.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, Model(name=str(model_dir), trust_remote_code=trust_remote_code))
+    return _base_model(read_info(model_dir), tokenizer, base, trust_remote_code).to(device).eval()
 
 
 def merge(model_dir: Path, out: Path, base: str | None = None) -> dict:

@@ -94,7 +94,7 @@ def run(params: Params, track: bool = True) -> dict:
             mlflow.end_run(status="FAILED")
         raise
     elapsed = time.perf_counter() - started
-    trainer, state = fitted.trainer, fitted.trainer.state
+    state = fitted.trainer.state
 
     info = {"task": task.name, "base": strategies.base_reference(params.model), "meta": meta}
     with atomic_path(paths.model_dir, directory=True) as tmp:

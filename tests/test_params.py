@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from sft_pipeline.params import ParamsError, load, parse
-from tests.conftest import DEFAULT_PARAMS, ROOT
+from tests.conftest import DEFAULT_PARAMS
 
 
 def raw_params() -> dict:

@@ -25,11 +25,16 @@ _STRIP_TABLE = {
 _PUNCTUATION = None
 
 
-def normalize_text(text: str, lowercase: bool = False, remove_punctuation: bool = False) -> str:
-    """The cleaned form of one text; idempotent."""
+def strip_html(text: str) -> str:
+    """Tags removed (script and style with their content) and entities unescaped."""
     if "<" in text:
         text = _TAG.sub(" ", _SCRIPT.sub(" ", text))
-    text = html.unescape(text)
+    return html.unescape(text)
+
+
+def normalize_text(text: str, lowercase: bool = False, remove_punctuation: bool = False) -> str:
+    """The cleaned form of one text; idempotent."""
+    text = strip_html(text)
     text = unicodedata.normalize("NFKC", text)
     text = text.translate(_STRIP_TABLE)
     if lowercase:

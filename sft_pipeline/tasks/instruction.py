@@ -287,6 +287,8 @@ class Instruction(Task):
         return tokenizer
 
     def encode(self, splits, tokenizer, options: Tokenize, cache) -> Encoded:
+        from sft_pipeline.encoding import length_stats
+
         special = chat.special_ids(tokenizer)
         datasets, stats, ends = {}, {}, set()
         for name, frame in splits.items():
@@ -325,8 +327,6 @@ class Instruction(Task):
                 total += len(ids)
             datasets[name] = chat_dataset(columns, salt=[name, options.max_length, options.truncation])
             lengths = np.asarray(full, dtype=np.int64)
-            from sft_pipeline.encoding import length_stats
-
             stats[name] = {
                 **length_stats(lengths, options.max_length),
                 "rows_kept": len(columns["row"]),
@@ -497,19 +497,12 @@ def normalize_turn(text: str, options: Clean) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
     text = text.replace("\ufeff", "").replace("\u200b", "")
-    if options.strip_html or options.collapse_whitespace:
-        from sft_pipeline.data.text import normalize_text
+    if options.strip_html:
+        from sft_pipeline.data.text import strip_html
 
-        if options.strip_html and options.collapse_whitespace:
-            return normalize_text(text)
-        if options.strip_html:
-            import html
-
-            from sft_pipeline.data.text import _SCRIPT, _TAG
-
-            text = html.unescape(_TAG.sub(" ", _SCRIPT.sub(" ", text)))
-        else:
-            text = " ".join(text.split())
+        text = strip_html(text)
+    if options.collapse_whitespace:
+        text = " ".join(text.split())
     return text.strip()
 
 
