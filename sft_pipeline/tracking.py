@@ -65,10 +65,17 @@ def experiment_id(paths: Paths, settings: Mlflow) -> str:
     return mlflow.create_experiment(settings.experiment, artifact_location=artifacts.as_uri())
 
 
+# Mappings whose keys are users' data (label names, role names): one param holding JSON, since a key of theirs may
+# hold characters MLflow refuses in a param name (`refund?`); the whole params.yaml is an artifact of the run too.
+WHOLE = ("validate.labels", "clean.roles")
+
+
 def flatten(data, prefix: str = "") -> dict[str, str]:
-    """{"train": {"epochs": 3}} -> {"train.epochs": "3"}; lists stay whole."""
+    """{"train": {"epochs": 3}} -> {"train.epochs": "3"}; lists and the mappings in WHOLE stay whole (JSON)."""
     out: dict[str, str] = {}
-    if isinstance(data, dict):
+    if prefix[:-1] in WHOLE:
+        out[prefix[:-1]] = json.dumps(data, ensure_ascii=False)
+    elif isinstance(data, dict):
         for key, value in data.items():
             out.update(flatten(value, f"{prefix}{key}."))
     else:
@@ -127,6 +134,7 @@ def start_training_run(params: Params, resume_run_id: str | None) -> str:
     items = list(flat.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
         mlflow.log_params(dict(items[start:start + 100]))
+    mlflow.log_dict(params.model_dump(mode="json", by_alias=True), "params.yaml")
     mlflow.set_tags({**git_tags(), **data_tags(params.paths), "pipeline.stage": "train",
                      "model.base": params.model.name, "task.type": params.task.type,
                      "train.strategy": params.train.strategy})

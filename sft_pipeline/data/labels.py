@@ -13,6 +13,7 @@ import pandas as pd
 from sft_pipeline.io import StageError
 from sft_pipeline.data.validation import rejected_rows
 
+
 def label_key(label: str) -> str:
     return unicodedata.normalize("NFKC", label).strip().casefold()
 
@@ -29,9 +30,33 @@ def synonym_map(labels: dict[str, list[str]]) -> dict[str, str]:
     return mapping
 
 
+def found_labels(labels: pd.Series) -> dict[str, list[str]]:
+    """Without `validate.labels`: the label set found in the data, as canonical label -> other spellings.
+
+    Spellings that differ only in case, Unicode form or surrounding space (`Sport`, `sport `, `ＳＰＯＲＴ`) are one
+    label, as they are with declared labels; its name is the spelling used most (ties: the first in sorted order).
+    validate reports every spelling it mapped, so that nothing is merged silently.
+    """
+    spellings: dict[str, Counter] = {}
+    for label in labels.dropna():
+        key = label_key(label)
+        if key:
+            spellings.setdefault(key, Counter())[label.strip()] += 1
+    found = {}
+    for counts in spellings.values():
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        found[ranked[0][0]] = [name for name, _ in ranked[1:]]
+    return dict(sorted(found.items()))
+
+
+def label_set(frame: pd.DataFrame, options) -> dict[str, list[str]]:
+    """The declared labels, or (validate.labels omitted) those found in the rows."""
+    return options.labels if options.labels is not None else found_labels(frame["label"])
+
+
 def row_reasons(frame: pd.DataFrame, options) -> tuple[pd.Series, pd.Series, pd.Series]:
     """Per row: canonical label (or NA), first failing reason (or NA) and its detail."""
-    mapping = synonym_map(options.labels)
+    mapping = synonym_map(label_set(frame, options))
     keys = frame["label"].fillna("").map(label_key)
     canonical = keys.map(mapping).astype("string")
     length = frame["text"].fillna("").str.len()
@@ -144,7 +169,11 @@ def _finite(value: float) -> float | None:
 
 def check_classes(kept: pd.DataFrame, options) -> list[str]:
     problems = []
-    for label in options.labels:
+    labels = options.labels if options.labels is not None else sorted(kept["label"].unique())
+    if options.labels is None and len(labels) < 2:
+        problems.append(f"the data holds {len(labels)} label(s) ({', '.join(map(repr, labels)) or 'none'}); "
+                        "a classifier needs at least two")
+    for label in labels:
         rows = kept[kept["label"] == label]
         if len(rows) < options.min_per_class:
             by_file = ", ".join(f"{n} from {f}" for f, n in rows["source_file"].value_counts().items()) or "none"

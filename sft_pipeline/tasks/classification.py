@@ -24,6 +24,7 @@ from sft_pipeline.data import labels as votes
 from sft_pipeline.data.readers import Field as ReadField
 from sft_pipeline.data.text import normalize_text
 from sft_pipeline.data.validation import rejected_rows
+from sft_pipeline.names import safe_name
 from sft_pipeline.tasks.base import Encoded, Evaluation, Task
 
 CLEAN_COLUMNS = ["source_file", "line", "id", "text", "text_raw", "label", "annotator"]
@@ -51,8 +52,10 @@ class Clean(common.Clean):
 
 
 class Validate(common.Validate):
-    # canonical label -> synonyms; matching is case-insensitive after NFKC and whitespace trimming.
-    labels: dict[str, list[str]]
+    # canonical label -> synonyms; matching is case-insensitive after NFKC and whitespace trimming. A label is any
+    # string (spaces, punctuation, any script). Omitted (or null): the labels are those found in the data, reported
+    # sorted by validate, with spellings that differ only in case or Unicode form merged and listed.
+    labels: dict[str, list[str]] | None = None
     conflict_policy: Literal["majority", "drop"] = "majority"
     # Share of the votes the winning label needs; ties never win.
     min_agreement: float = Field(0.5, gt=0, le=1)
@@ -60,8 +63,11 @@ class Validate(common.Validate):
 
     @model_validator(mode="after")
     def _labels_well_formed(self) -> "Validate":
-        if len(self.labels) < 2:
-            raise ValueError("labels: declare at least two classes")
+        if self.labels is not None and len(self.labels) < 2:
+            raise ValueError("labels: declare at least two classes, or omit labels to take those in the data")
+        blank = [name for name in self.labels or {} if not name.strip()]
+        if blank:
+            raise ValueError(f"labels: a label is blank ({blank[0]!r})")
         return self
 
 
@@ -81,7 +87,7 @@ class TaskSection(common.Task):
 class Params(common.Params):
     task: TaskSection = TaskSection()
     clean: Clean = Clean()
-    validate_: Validate = Field(alias="validate")
+    validate_: Validate = Field(Validate(), alias="validate")
     evaluate: Evaluate = Evaluate()
     mlflow: Mlflow = Mlflow()
 
@@ -96,10 +102,27 @@ class Params(common.Params):
             )
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _per_class_metric_by_its_mlflow_key(cls, raw):
+        """`test_f1_card payment` as written in params.yaml names the metric logged as `test_f1_card_payment-fb6cc4`
+        (sft_pipeline.names): the check below and the gate then see the key MLflow has."""
+        section = raw.get("mlflow") if isinstance(raw, dict) else None
+        metric = section.get("promotion_metric") if isinstance(section, dict) else None
+        if isinstance(metric, str):
+            for score in SCORES:
+                if metric.startswith(f"test_{score}_"):
+                    label = metric.removeprefix(f"test_{score}_")
+                    raw = {**raw, "mlflow": {**section, "promotion_metric": f"test_{score}_{safe_name(label)}"}}
+                    break
+        return raw
+
     @model_validator(mode="after")
     def _promotion_metric_is_logged(self) -> "Params":
         known = Classification().metric_names(self)
-        if self.mlflow.promotion_metric not in known:
+        per_class_of_found_labels = (self.validate_.labels is None
+                                     and self.mlflow.promotion_metric.startswith(tuple(f"test_{s}_" for s in SCORES)))
+        if self.mlflow.promotion_metric not in known and not per_class_of_found_labels:
             some = ", ".join(sorted(m for m in known if not m.startswith(("test_precision_", "test_recall_",
                                                                               "test_f1_"))))
             raise ValueError(f"mlflow.promotion_metric: {self.mlflow.promotion_metric!r} is not a metric of task "
@@ -151,8 +174,11 @@ class Classification(Task):
         rejected = pd.concat([row_rejected, dropped], ignore_index=True)
         raw_labels = rows.loc[~failed, "label"]
         mapped = Counter(f"{r} -> {c}" for r, c in zip(raw_labels, canonical[~failed]) if r != c)
+        declared = options.labels is not None
+        label_names = options.labels if declared else sorted(set(kept["label"]))
         report = {
-            "classes": {label: int((kept["label"] == label).sum()) for label in options.labels},
+            "labels_declared": declared,
+            "classes": {label: int((kept["label"] == label).sum()) for label in label_names},
             "labels_mapped": dict(sorted(mapped.items())),
             "conflicts": conflicts,
             "annotator_agreement": agreement,
@@ -162,9 +188,22 @@ class Classification(Task):
     def problems(self, kept: pd.DataFrame, options: Validate) -> list[str]:
         return votes.check_classes(kept, options)
 
+    def warnings(self, report: dict) -> list[str]:
+        if report.get("labels_declared", True):
+            return []
+        classes = report["classes"]
+        out = [f"validate.labels is not set: {len(classes)} labels found in the data: "
+               + ", ".join(repr(label) for label in classes)]
+        if report["labels_mapped"]:
+            out.append("spellings merged into one label: " + "; ".join(
+                f"{mapping} ({n} rows)" for mapping, n in report["labels_mapped"].items()))
+        return out
+
     def summary_lines(self, report: dict) -> list[str]:
         lines = ["", "| class | rows |", "|---|---:|"]
-        lines += [f"| {label} | {n} |" for label, n in report["classes"].items()]
+        lines += [f"| {markdown_cell(label)} | {n} |" for label, n in report["classes"].items()]
+        if not report.get("labels_declared", True):
+            lines += ["", f"validate.labels is not set: the {len(report['classes'])} classes are those in the data."]
         conflicts = report["conflicts"]
         lines += ["", f"Texts with conflicting labels: {conflicts['conflicting_texts']} "
                       f"(resolved {conflicts['resolved']}, unresolved {conflicts['unresolved']})."]
@@ -235,7 +274,8 @@ class Classification(Task):
         actual = [labels[i] for i in test["labels"]]
         frame = rows.assign(actual=actual, predicted=predicted, confidence=probs.max(axis=1))
         summary = classification_summary(actual, predicted, labels)
-        details = {**summary, "most_confident_errors": confident_errors(frame, options.top_errors)}
+        details = {**summary, "most_confident_errors": confident_errors(frame, options.top_errors),
+                   "mlflow_label_keys": {k: v for k, v in mlflow_label_keys(labels).items() if k != v}}
         m = summary["metrics"]
         return Evaluation(
             metrics=m,
@@ -257,7 +297,7 @@ class Classification(Task):
 
     def metric_names(self, params) -> set[str]:
         names = {"test_accuracy"} | {f"test_{a}_{s}" for a in AVERAGES for s in SCORES}
-        return names | {f"test_{s}_{label}" for s in SCORES for label in params.validate_.labels}
+        return names | {f"test_{s}_{safe_name(label)}" for s in SCORES for label in params.validate_.labels or {}}
 
     # serving
 
@@ -348,15 +388,31 @@ def classification_summary(actual: list[str], predicted: list[str], labels: list
 
 
 def flat_test_metrics(metrics: dict) -> dict[str, float]:
-    """The metrics.json dict as flat MLflow metric names: test_accuracy, test_macro_f1, test_f1_<class>, ..."""
+    """The metrics.json dict as flat MLflow metric names: test_accuracy, test_macro_f1, test_f1_<class>, ...; a class
+    whose name MLflow does not take as it is gets its safe form (sft_pipeline.names, listed in the evaluation
+    report)."""
     flat = {"test_accuracy": metrics["accuracy"]}
     for average in AVERAGES:
         for name, value in metrics[average].items():
             flat[f"test_{average}_{name}"] = value
-    for label, scores in metrics["per_class"].items():
+    for label, key in mlflow_label_keys(list(metrics["per_class"])).items():
         for name in SCORES:
-            flat[f"test_{name}_{label}"] = scores[name]
+            flat[f"test_{name}_{key}"] = metrics["per_class"][label][name]
     return flat
+
+
+def mlflow_label_keys(labels: list[str]) -> dict[str, str]:
+    """Label -> the name it has in MLflow metric keys."""
+    keys = {label: safe_name(label) for label in labels}
+    clash = [k for k, n in Counter(keys.values()).items() if n > 1]
+    if clash:
+        same = [label for label, key in keys.items() if key == clash[0]]
+        raise ValueError(f"labels {same} share the MLflow key {clash[0]!r}; rename one of them")
+    return keys
+
+
+def markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def confident_errors(frame: pd.DataFrame, top: int, max_chars: int = 300) -> list[dict]:
