@@ -346,3 +346,49 @@ def test_rows_a_tool_marks_as_not_annotated_do_not_count_as_quality_rejects():
     defective = pd.concat([not_annotated, pd.DataFrame({"source_file": "ls.json", "reason": ["multi_label"] * 6})])
     fraction, problems = check_reject_fraction(report, defective, Validate())
     assert fraction == 0.06 and "multi_label: 6" in problems[0]
+
+
+def prodigy(text, label, answer, **extra):
+    return json.dumps({"text": text, "_input_hash": hash(text) % 10**9, "_task_hash": hash((text, label)) % 10**9,
+                       "label": label, "answer": answer, "meta": {"score": 0.5}, "spans": [], **extra})
+
+
+def test_prodigy_binary_decisions_become_the_label_or_not_the_label_and_ignore_is_rejected(tmp_path):
+    lines = [prodigy("you are an idiot", "INSULT", "accept"), prodigy("nice weather today", "INSULT", "reject"),
+             prodigy("what is this even", "INSULT", "ignore"), prodigy("thanks a lot", "INSULT", "reject")]
+    result = read(tmp_path / "insult.jsonl", "\n".join(lines) + "\n")
+    assert kept(result) == {1: ("you are an idiot", "INSULT"), 2: ("nice weather today", "not INSULT"),
+                            4: ("thanks a lot", "not INSULT")}
+    assert [(r["line"], r["reason"]) for r in result.rejected] == [(3, "ignored")]
+    assert len(result.records) + len(result.rejected) == len(lines)
+
+    strict = read_file(tmp_path / "insult.jsonl",
+                       Classification().fields(Clean(prodigy_rejected=None)), None)
+    assert kept(strict) == {1: ("you are an idiot", "INSULT")}
+    assert [(r["line"], r["reason"]) for r in strict.rejected] == [(2, "answer_reject"), (3, "ignored"),
+                                                                   (4, "answer_reject")]
+
+
+def test_prodigy_choice_records_take_the_accepted_option(tmp_path):
+    options = [{"id": "POSITIVE", "text": "positive"}, {"id": "NEGATIVE", "text": "negative"}]
+    lines = [prodigy("loved it", None, "accept", options=options, accept=["POSITIVE"]),
+             prodigy("meh", None, "accept", options=options, accept=[]),
+             prodigy("both?", None, "accept", options=options, accept=["POSITIVE", "NEGATIVE"]),
+             prodigy("spam spam", None, "reject", options=options, accept=[])]
+    result = read(tmp_path / "choice.jsonl", "\n".join(line.replace('"label": null, ', "") for line in lines))
+    assert kept(result) == {1: ("loved it", "POSITIVE")}
+    assert [(r["line"], r["reason"]) for r in result.rejected] == [(2, "unlabelled"), (3, "multi_label"),
+                                                                   (4, "answer_reject")]
+
+
+def test_a_plain_jsonl_with_an_answer_column_is_not_taken_for_prodigy(tmp_path):
+    # No Prodigy hashes: `answer` is the user's own column, and the label is read as it is.
+    line = json.dumps({"text": "is this ok", "label": "question", "answer": "reject"})
+    assert kept(read(tmp_path / "plain.jsonl", line)) == {1: ("is this ok", "question")}
+
+
+def test_prodigy_rejected_template_must_make_another_label(tmp_path):
+    raw = project_params(tmp_path)
+    raw["clean"]["prodigy_rejected"] = "{label}"
+    with pytest.raises(ValueError, match="prodigy_rejected: '{label}' would make"):
+        parse(raw)

@@ -21,8 +21,11 @@ Label Studio (a JSON array of tasks with ``data`` and ``annotations`` or ``predi
 at the task's 1-based index in the array; the label is the annotation's choice, the annotator its ``completed_by``.
 doccano (a JSON object whose label is a list, under the label column or doccano's ``label``/``labels``): the list's
 one label. What the classifier cannot take (no annotation, a skipped annotation, several choices, predictions only)
-is rejected with a reason; see :func:`read_label_studio` and :func:`_choice_value`. Both apply only to a field marked
-``choice``, so a task that reads no class label (instruction data) reads these files as plain JSON.
+is rejected with a reason; see :func:`read_label_studio` and :func:`_choice_value`. Prodigy (JSONL records with
+``answer`` and its ``_input_hash``/``_task_hash``): a binary decision ``accept`` on ``label`` is that label, ``reject``
+is the label ``clean.prodigy_rejected`` makes of it (``not {label}``), ``ignore`` is rejected; a choice record's
+label is its ``accept`` list's one option. All apply only to a field marked ``choice``, so a task that reads no class
+label (instruction data) reads these files as plain JSON.
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ CANCELLED = "cancelled"              # Label Studio: the annotator skipped the t
 PREDICTION_ONLY = "prediction_only"  # Label Studio: a model's predictions and no human annotation
 MULTI_LABEL = "multi_label"          # several choices (a multi-select) or several doccano labels
 SPAN_LABELS = "span_labels"          # doccano: [start, end, label] spans of sequence labelling, not a class
+IGNORED = "ignored"                  # Prodigy: the annotator pressed ignore
+ANSWER_REJECT = "answer_reject"      # Prodigy choice interface: the annotator rejected the task as a whole
+
+# Prodigy writes both hashes on every record of `prodigy db-out`; with `answer`, they mark its records.
+PRODIGY_HASHES = ("_input_hash", "_task_hash")
+PRODIGY_ANSWERS = ("accept", "reject", "ignore")
 
 # doccano writes a text's labels under `label` (export) or `labels` (import format), always as a list.
 DOCCANO_LABEL_KEYS = ("label", "labels")
@@ -74,6 +83,9 @@ class Field:
     export it is an annotation's choice (from the Choices control named `column`, or the only one), in doccano a
     one-item list (under `column`, `label` or `labels`). `annotator`: in a Label Studio export, the annotation's
     `completed_by`. Only a task that reads a `choice` field reads Label Studio exports as such.
+
+    `rejected_as`: for a `choice` field, the label a Prodigy binary decision `answer: reject` on label X becomes, with
+    `{label}` standing for X ("not {label}" makes `not INSULT`); None rejects such records instead.
     """
 
     name: str
@@ -83,6 +95,7 @@ class Field:
     structured: bool = False
     choice: bool = False
     annotator: bool = False
+    rejected_as: str | None = None
 
 
 @dataclass
@@ -415,7 +428,10 @@ def _key_of(obj: dict, f: Field) -> str | None:
 
 
 def _found_keys(obj: dict, fields: list[Field]) -> set[str]:
-    return set(obj) | {f.column for f in fields if _key_of(obj, f) is not None}
+    found = set(obj) | {f.column for f in fields if _key_of(obj, f) is not None}
+    if _is_prodigy(obj, fields):  # a choice record's label is under `accept`, a binary one's under `label`
+        found |= {f.column for f in fields if f.choice and ("accept" in obj or "label" in obj)}
+    return found
 
 
 def read_jsonl(path: Path, data: bytes, fields: list[Field], fallback: str | None) -> FileRead:
@@ -459,10 +475,14 @@ def read_jsonl(path: Path, data: bytes, fields: list[Field], fallback: str | Non
 
 
 def _accept_object(result: FileRead, number: int, obj: dict, fields: list[Field], original: str) -> None:
-    keys = {f.column: _key_of(obj, f) for f in fields}
     ids = [f.column for f in fields if f.name == "id"]
     record_id = obj.get(ids[0]) if ids else None
     record_id = None if record_id is None else str(record_id)
+    if _is_prodigy(obj, fields):
+        obj = _prodigy_label(result, number, obj, fields, original, record_id)
+        if obj is None:
+            return
+    keys = {f.column: _key_of(obj, f) for f in fields}
     missing = [f.column for f in fields if f.required and keys[f.column] is None]
     if missing:
         result.reject(number, MISSING_FIELD, f"no key {', '.join(map(repr, missing))}", original, record_id)
@@ -486,6 +506,44 @@ def _accept_object(result: FileRead, number: int, obj: dict, fields: list[Field]
         result.reject(number, INVALID_JSON, f"{', '.join(bad)}: expected a string, found a JSON container", original)
         return
     result.accept(number, _row_values(values.get, fields))
+
+
+def _is_prodigy(obj: dict, fields: list[Field]) -> bool:
+    return (any(f.choice for f in fields) and obj.get("answer") in PRODIGY_ANSWERS
+            and any(key in obj for key in PRODIGY_HASHES))
+
+
+def _prodigy_label(result: FileRead, number: int, obj: dict, fields: list[Field], original: str,
+                   record_id: str | None) -> dict | None:
+    """A Prodigy record with its class label in the choice field's column, or None when it was rejected.
+
+    Prodigy stores a decision, not a label: in a binary `textcat` record, `label` is the label asked about and
+    `answer` says whether it applies, so reading `label` alone would turn every `reject` into that label. A choice
+    interface record (`options`, `accept`: the chosen option ids) has its label in `accept`.
+    """
+    choice = next(f for f in fields if f.choice)
+    answer = obj["answer"]
+    if answer == "ignore":
+        result.reject(number, IGNORED, "answer: ignore, the annotator skipped it in Prodigy, so it holds no label",
+                      original, record_id)
+        return None
+    if isinstance(obj.get("accept"), list):
+        if answer == "reject":
+            result.reject(number, ANSWER_REJECT, "answer: reject on a choice task, the annotator rejected the task "
+                                                 "itself, so it holds no label", original, record_id)
+            return None
+        return {**obj, choice.column: obj["accept"]}  # a list: one option is the label, others are rejected
+    asked = obj.get(choice.column, obj.get("label"))
+    if not isinstance(asked, str) or not asked.strip():
+        return obj  # no label asked about: read as it is, and the usual checks say what is missing
+    if answer == "accept":
+        return {**obj, choice.column: asked}
+    if choice.rejected_as is None:
+        result.reject(number, ANSWER_REJECT, f"answer: reject on label {asked!r}, the text is not {asked!r}; "
+                                             f"clean.prodigy_rejected is null, so it is not read as a label",
+                      original, record_id)
+        return None
+    return {**obj, choice.column: choice.rejected_as.replace("{label}", asked)}
 
 
 def _choice_value(items: list, key: str) -> tuple[object, str | None, str | None]:

@@ -11,7 +11,8 @@ from sft_pipeline.io import REJECTED_COLUMNS
 
 # Reasons that say nothing bad about the data: the row's information lives on in a kept row, or the annotation tool
 # says the row is not annotated yet (a project exported mid-way is not a defective data set).
-NOT_QUALITY = {"duplicate", "merged_vote", "unlabelled", "cancelled", "prediction_only"}
+NOT_QUALITY = {"duplicate", "merged_vote", "unlabelled", "cancelled", "prediction_only", "ignored",
+               "answer_reject"}
 
 
 def rejected_rows(rows: pd.DataFrame, reason: str, detail: str) -> pd.DataFrame:

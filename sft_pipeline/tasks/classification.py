@@ -47,8 +47,21 @@ class Columns(common.Section):
 
 class Clean(common.Clean):
     columns: Columns = Columns()
+    # Prodigy binary decisions: `answer: reject` on label X means the text is not X. This makes it the label
+    # "not X" ({label} is X), so a binary textcat export trains a two-class model as it is; null rejects those
+    # records (answer_reject) instead, e.g. when the file holds decisions on several labels.
+    prodigy_rejected: str | None = "not {label}"
+
     lowercase: bool = False
     remove_punctuation: bool = False
+
+    @model_validator(mode="after")
+    def _rejected_label_is_another_label(self) -> "Clean":
+        template = self.prodigy_rejected
+        if template is not None and (not template.strip() or template.strip() == "{label}"):
+            raise ValueError(f"prodigy_rejected: {template!r} would make a rejected label blank or the label itself; "
+                             "give a template such as 'not {label}', or null")
+        return self
 
 
 class Validate(common.Validate):
@@ -145,7 +158,7 @@ class Classification(Task):
     def fields(self, options: Clean) -> list[ReadField]:
         c = options.columns
         return [ReadField("id", c.id), ReadField("text", c.text, required=True, strings_only=True),
-                ReadField("label", c.label, required=True, choice=True),
+                ReadField("label", c.label, required=True, choice=True, rejected_as=options.prodigy_rejected),
                 ReadField("annotator", c.annotator, annotator=True)]
 
     def normalize(self, records: pd.DataFrame, options: Clean) -> pd.DataFrame:
