@@ -117,6 +117,18 @@ def data_tags(paths: Paths, lock_file: Path = Path("dvc.lock")) -> dict[str, str
     return tags
 
 
+def coverage_metrics(paths: Paths) -> dict[str, float]:
+    """The tokenizer's coverage of each split (reports/tokenize.json) as metrics: unknown-token share, share of texts
+    mostly unknown, tokens per character."""
+    if not paths.tokenize_report.is_file():
+        return {}
+    splits = json.loads(paths.tokenize_report.read_text()).get("coverage", {}).get("splits", {})
+    names = {"unknown_fraction": "unknown_token_fraction", "mostly_unknown_fraction": "mostly_unknown_text_fraction",
+             "tokens_per_character": "tokens_per_character"}
+    return {f"data_{names[key]}_{split}": float(values[key]) for split, values in splits.items()
+            for key in names if key in values}
+
+
 def start_training_run(params: Params, resume_run_id: str | None) -> str:
     """Open (or, after an interrupted run, reopen) the MLflow run of this training; returns its id."""
     import mlflow
@@ -135,6 +147,7 @@ def start_training_run(params: Params, resume_run_id: str | None) -> str:
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
         mlflow.log_params(dict(items[start:start + 100]))
     mlflow.log_dict(params.model_dump(mode="json", by_alias=True), "params.yaml")
+    mlflow.log_metrics(coverage_metrics(params.paths))
     mlflow.set_tags({**git_tags(), **data_tags(params.paths), "pipeline.stage": "train",
                      "model.base": params.model.name, "task.type": params.task.type,
                      "train.strategy": params.train.strategy})

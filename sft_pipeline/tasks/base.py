@@ -122,6 +122,13 @@ class Task(ABC):
 
     # ------------------------------------------------------------------------------------------- tokenize
 
+    def texts(self, rows: "pd.DataFrame") -> list[str]:
+        """What the model reads of each row, as text (tokenize measures the vocabulary's coverage of it)."""
+        return rows[self.text_column].tolist()
+
+    #: the column `texts` reads by default
+    text_column: ClassVar[str] = "text"
+
     def prepare_tokenizer(self, tokenizer, options):
         """Set up the tokenizer before tokenize saves it for train, evaluate and serving (e.g. a chat template)."""
         return tokenizer

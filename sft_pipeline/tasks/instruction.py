@@ -282,6 +282,9 @@ class Instruction(Task):
 
     # tokenize
 
+    def texts(self, rows: pd.DataFrame) -> list[str]:
+        return ["\n".join(str(m.get("content") or "") for m in json.loads(messages)) for messages in rows["messages"]]
+
     def prepare_tokenizer(self, tokenizer, options: Tokenize):
         chat.resolve_template(tokenizer, options.chat_template)
         return tokenizer
