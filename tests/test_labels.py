@@ -164,3 +164,22 @@ def test_labels_with_punctuation_spaces_and_chinese_through_train_evaluate_and_r
     test = pd.read_parquet(params.paths.split_dir / "test.parquet")
     answer = model.predict(pd.DataFrame({"text": test["text"]}))
     assert answer["label"].tolist() == predictions["predicted"].tolist()
+
+
+def test_a_confusion_matrix_of_chinese_labels_renders_every_glyph(tmp_path, recwarn):
+    import warnings
+
+    from PIL import Image
+
+    from sft_pipeline import figures
+    from sft_pipeline.tasks.classification import confusion_image
+
+    labels = ["中性", "消极", "积极"]
+    actual, predicted = ["积极", "消极", "中性", "积极"], ["积极", "中性", "中性", "消极"]
+    assert figures.fallback_font_files(), "the Makefile installs mplfonts (Noto Sans CJK SC)"
+    warnings.simplefilter("always")
+    confusion_image(actual, predicted, labels, tmp_path / "cm.png")
+    glyph_warnings = [str(w.message) for w in recwarn if "Glyph" in str(w.message) or "missing from" in str(w.message)]
+    assert glyph_warnings == []
+    assert figures.missing_glyphs(labels) == {} and figures.missing_glyphs(["ሀ"]) == {"ሀ": "ሀ"}
+    assert Image.open(tmp_path / "cm.png").size[0] > 300

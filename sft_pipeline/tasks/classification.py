@@ -438,11 +438,15 @@ def confident_errors(frame: pd.DataFrame, top: int, max_chars: int = 300) -> lis
 
 
 def confusion_image(actual: list[str], predicted: list[str], labels: list[str], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The confusion matrix as a PNG, every label written as it is (sft_pipeline/figures.py: fonts for any script)."""
     from sklearn.metrics import ConfusionMatrixDisplay
+
+    from sft_pipeline import figures
+
+    plt = figures.pyplot()
+    for label, characters in figures.missing_glyphs(labels).items():
+        print(f"evaluate: warning: no installed font draws {characters!r} of label {label!r}; the confusion matrix "
+              f"shows boxes there (the label itself is unchanged everywhere else)")
 
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
     ConfusionMatrixDisplay.from_predictions(actual, predicted, labels=labels, ax=ax, colorbar=False,
