@@ -111,6 +111,7 @@ def run(params: Params, track: bool = True):
     evaluation = task.evaluate(model, tokenizer, test, rows, meta, options, device,
                                base=lambda: strategies.load_base(paths.model_dir, device=device,
                                                                  trust_remote_code=params.model.trust_remote_code))
+    evaluation = task.add_baselines(evaluation, pd.read_parquet(paths.split_dir / "train.parquet"), rows)
     write_json(paths.metrics, evaluation.metrics)
     write_json(paths.evaluation, evaluation.details)
     write_frame(paths.predictions, evaluation.predictions)

@@ -152,6 +152,30 @@ def test_repro_runs_every_stage_and_accounts_for_rows(project):
 
 
 @pytest.mark.e2e
+def test_the_run_is_scored_beside_its_baselines_and_the_summary_says_so(project):
+    from sft_pipeline import baselines
+
+    root, _ = project
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    details = json.loads((root / "reports/evaluation.json").read_text())
+    train = pd.read_parquet(root / "data/split/train.parquet")
+    test = pd.read_parquet(root / "data/split/test.parquet")
+    again = baselines.run(train["text"].tolist(), train["label"].tolist(), test["text"].tolist(),
+                          test["label"].tolist())
+    for name in ("majority", "tfidf_logreg"):
+        assert metrics["baselines"][name] == {k: again[name][k] for k in ("accuracy", "macro_f1")}
+    assert details["baselines"]["tfidf_logreg"]["train_rows"] == len(train)
+    summary = subprocess.run([sys.executable, "-m", "sft_pipeline.summary"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout
+    tfidf = metrics["baselines"]["tfidf_logreg"]
+    assert (f"Baseline, TF-IDF character n-gram + logistic regression: macro-F1 {tfidf['macro_f1']:.4f}, "
+            f"accuracy {tfidf['accuracy']:.4f} (fine-tuned {metrics['macro']['f1'] - tfidf['macro_f1']:+.4f}") in summary
+    assert "Baseline, majority-class: macro-F1" in summary
+    beaten = metrics["macro"]["f1"] > tfidf["macro_f1"]
+    assert ("does not beat the TF-IDF" in summary) is not beaten
+
+
+@pytest.mark.e2e
 def test_second_repro_does_nothing_and_dvc_views_work(project):
     root, _ = project
     again = dvc(root, "repro")

@@ -160,6 +160,12 @@ class Task(ABC):
         Parquet file; a tokenized row's `row`, where the task drops rows, is its position there). `base` loads the
         untuned base model, for a task that compares against it."""
 
+    def add_baselines(self, evaluation: Evaluation, train: "pd.DataFrame", test: "pd.DataFrame") -> Evaluation:
+        """The evaluation with simple models trained and scored on the same train and test rows beside it (in its
+        metrics, details, MLflow metrics and summary), so that a score is never read alone. A task whose evaluation
+        already compares against a reference (the instruction task's base model) keeps it as it is."""
+        return evaluation
+
     def metrics_lines(self, metrics: dict) -> list[str]:
         """The test metrics (the DVC metrics file) in a few lines, for `python -m sft_pipeline.summary`."""
         return [f"Test metrics: {metrics}"]

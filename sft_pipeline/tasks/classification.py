@@ -300,12 +300,40 @@ class Classification(Task):
                     f"{m['weighted']['f1']} on {m['test_rows']} rows",
         )
 
+    def add_baselines(self, evaluation: Evaluation, train: pd.DataFrame, test: pd.DataFrame) -> Evaluation:
+        from sft_pipeline import baselines
+
+        scores = baselines.run(train["text"].tolist(), train["label"].tolist(), test["text"].tolist(),
+                               test["label"].tolist())
+        tuned = {"macro_f1": evaluation.metrics["macro"]["f1"], "accuracy": evaluation.metrics["accuracy"]}
+        not_beaten = baselines.compare(tuned, scores)
+        # metrics.json (DVC's metrics file) keeps the numbers; the evaluation report also says how each was made.
+        evaluation.metrics["baselines"] = {name: {k: v[k] for k in ("accuracy", "macro_f1")} for name, v in scores.items()}
+        evaluation.details["baselines"] = {**scores, "not_beaten": not_beaten}
+        for name, values in scores.items():
+            for metric in ("accuracy", "macro_f1"):
+                evaluation.mlflow_metrics[f"baseline_{name}_{metric}"] = values[metric]
+            evaluation.mlflow_metrics[f"gain_over_{name}_macro_f1"] = round(tuned["macro_f1"] - values["macro_f1"], 4)
+        evaluation.summary += (f"; baselines: TF-IDF macro-F1 {scores['tfidf_logreg']['macro_f1']}, majority "
+                               f"{scores['majority']['macro_f1']}")
+        for line in not_beaten:
+            print(f"evaluate: warning: {line}")
+        return evaluation
+
     def metrics_lines(self, metrics: dict) -> list[str]:
+        from sft_pipeline.baselines import NAMES, compare
+
         lines = [f"Test set ({metrics['test_rows']} rows): accuracy {metrics['accuracy']:.4f}, "
                  f"macro-F1 {metrics['macro']['f1']:.4f}, weighted-F1 {metrics['weighted']['f1']:.4f}"]
         for label, m in metrics["per_class"].items():
             lines.append(f"  {label:<20} P {m['precision']:.3f}  R {m['recall']:.3f}  F1 {m['f1']:.3f}  "
                          f"n={m['support']}")
+        for name, scores in {k: v for k, v in metrics.get("baselines", {}).items() if k in NAMES}.items():
+            gain = metrics["macro"]["f1"] - scores["macro_f1"]
+            lines.append(f"Baseline, {NAMES[name]}: macro-F1 {scores['macro_f1']:.4f}, accuracy "
+                         f"{scores['accuracy']:.4f} (fine-tuned {gain:+.4f} macro-F1)")
+        for line in compare({"macro_f1": metrics["macro"]["f1"]}, metrics.get("baselines", {})):
+            lines.append(f"Warning: {line}")
         return lines
 
     def metric_names(self, params) -> set[str]:
