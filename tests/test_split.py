@@ -120,7 +120,7 @@ def test_user_rows_stay_and_count_in_the_deficits():
 
 
 def test_ledger_round_trip_and_a_changed_seed_starts_anew(tmp_path):
-    path = tmp_path / "ledger.json"
+    path = tmp_path / "ledger.parquet"
     rows = frame(50)
     user = pd.Series(["test"] + [pd.NA] * 49, dtype="string")
     first = assign_splits(rows["text"], rows["label"], user, fresh(), OPTIONS)
@@ -134,7 +134,7 @@ def test_ledger_round_trip_and_a_changed_seed_starts_anew(tmp_path):
 
     reseeded, message = splitting.read_ledger(path, Split(seed=7))
     assert reseeded.splits == {} and "split.seed or split.ratios changed" in message and "seed 42" in message
-    path.write_text("{not json")
+    path.write_text("not parquet")
     with pytest.raises(StageError, match="not a split ledger.*dvc checkout"):
         splitting.read_ledger(path, OPTIONS)
 
@@ -191,7 +191,8 @@ def test_run_writes_three_files_and_exact_class_counts(tmp_path):
     assert report["classes"]["sport"] == {"train": 160, "validation": 20, "test": 20}
     texts = [set(p["text"]) for p in parts.values()]
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
-    assert json.loads(params.paths.split_ledger.read_text())["seed"] == 42
+    ledger, restarted = splitting.read_ledger(params.paths.split_ledger, OPTIONS)
+    assert restarted is None and len(ledger.splits) == 600 and ledger.user == set()
 
 
 def test_a_class_missing_from_a_split_is_an_error(tmp_path):
@@ -270,14 +271,14 @@ def test_the_ledger_survives_dvc_repro_and_remembers_rows_that_left(tmp_path):
     root = make_project(tmp_path / "p", tmp_path / "no-model", synthetic_rows(30, seed=11))
     write_csv(root / "data/raw/batch2.csv", synthetic_rows(6, seed=12, prefix="n"))
     dvc(root, "repro", "split")
-    first = json.loads((root / "data/split_ledger.json").read_text())
-    assert sum(len(v) for v in first["assigned"].values()) == 108
+    ledger = root / "data/split_ledger.parquet"
+    first, _ = splitting.read_ledger(ledger, OPTIONS)
+    assert len(first.splits) == 108
     (root / "data/raw/batch2.csv").unlink()
     dvc(root, "repro", "split")
-    second = json.loads((root / "data/split_ledger.json").read_text())
+    second, _ = splitting.read_ledger(ledger, OPTIONS)
     report = json.loads((root / "reports/split.json").read_text())
     # DVC did not delete the ledger before the stage ran: batch2's keys are still there, every split unchanged.
-    assert second == first
+    assert second.splits == first.splits
     assert report["ledger"]["keys_not_in_data"] == 18 and report["ledger"]["rows_kept"] == 90
-    lock = (root / "dvc.lock").read_text()
-    assert "path: data/split_ledger.json" in lock
+    assert "path: data/split_ledger.parquet" in (root / "dvc.lock").read_text()

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sft_pipeline.io import StageError, write_json
+from sft_pipeline.io import StageError, atomic_path
 
 SPLITS = ("train", "validation", "test")
 # A text given two splits goes to the more held-out one: a text seen in training must not be scored as unseen, and a
@@ -54,27 +54,20 @@ def fold(text: str) -> str:
 
 def hash_unit(keys: pd.Series, seed: int) -> np.ndarray:
     """A number in [0, 1) per key, stable across runs, machines and library versions."""
-    return _units([fold(key) for key in keys], seed)
+    return _hashes([fold(key) for key in keys], seed)[1]
 
 
-def _units(folded: list[str], seed: int) -> np.ndarray:
+def _hashes(folded: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the seeded 64-bit blake2b of each folded key, the same number in [0, 1)). The first names the key in the
+    ledger: no text is stored there, and a seed change starts a new ledger anyway."""
     salt = f"{seed}\x1f".encode()
-    out = np.empty(len(folded), dtype=np.float64)
+    ints = np.empty(len(folded), dtype=np.uint64)
+    units = np.empty(len(folded), dtype=np.float64)
     for i, key in enumerate(folded):
-        digest = hashlib.blake2b(salt + key.encode("utf-8"), digest_size=8).digest()
-        out[i] = int.from_bytes(digest, "big") / 2**64
-    return out
-
-
-def key_digests(keys: pd.Series) -> np.ndarray:
-    """The ledger's name for each key: blake2b-128 of the folded key, without the seed (hex). The ledger holds no
-    text: it is a DVC output beside the data, and a hash suffices to recognise a text that comes back."""
-    return _digests([fold(key) for key in keys])
-
-
-def _digests(folded: list[str]) -> np.ndarray:
-    return np.array([hashlib.blake2b(key.encode("utf-8"), digest_size=16).hexdigest() for key in folded],
-                    dtype=object)
+        value = int.from_bytes(hashlib.blake2b(salt + key.encode("utf-8"), digest_size=8).digest(), "big")
+        ints[i] = value
+        units[i] = value / 2**64
+    return ints, units
 
 
 def hash_cut(u: np.ndarray, ratios: dict[str, float]) -> np.ndarray:
@@ -190,50 +183,66 @@ def user_split_lines(report: dict | None) -> list[str]:
 
 @dataclass
 class Ledger:
-    """Key digest -> split of every key ever assigned with this seed and these ratios; `user`: the digests the
-    user placed (by column or file) rather than the ratios."""
+    """Key -> split (index into SPLITS) of every key ever placed with this seed and these ratios; the key is the
+    seeded 64-bit hash of the folded key. `user`: the keys the user placed (by column or file), not the ratios."""
 
     seed: int
     ratios: dict[str, float]
-    splits: dict[str, str] = field(default_factory=dict)
-    user: set[str] = field(default_factory=set)
+    splits: dict[int, int] = field(default_factory=dict)
+    user: set[int] = field(default_factory=set)
+
+
+LEDGER_META = b"sft_pipeline.split_ledger"
 
 
 def read_ledger(path: Path, options) -> tuple[Ledger, str | None]:
     """The ledger at `path` (an empty one if there is none), and why an existing one was set aside, if it was."""
+    import pyarrow.parquet as pq
+
     fresh = Ledger(options.seed, dict(options.ratios))
     path = Path(path)
     if not path.is_file():
         return fresh, None
     fix = f"restore it (`dvc checkout {path}`) or delete it to assign every row anew"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("version") != LEDGER_VERSION:
-            raise ValueError(f"version {data.get('version')!r}, expected {LEDGER_VERSION}")
-        seed, ratios = data["seed"], data["ratios"]
-        splits = {d: name for name in SPLITS for d in data["assigned"][name]}
-        user = {d: name for name in SPLITS for d in data["user"][name]}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[LEDGER_META])
+        if meta.get("version") != LEDGER_VERSION:
+            raise ValueError(f"version {meta.get('version')!r}, expected {LEDGER_VERSION}")
+        seed, ratios = meta["seed"], meta["ratios"]
+        keys = table.column("key").to_pylist()
+        codes = table.column("split").to_pylist()
+        user = table.column("user").to_pylist()
+        if any(c not in (0, 1, 2) for c in set(codes)):
+            raise ValueError("a split code other than 0, 1, 2")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StageError(f"{path}: not a split ledger ({exc}); {fix}") from None
-    if set(splits) & set(user):
-        raise StageError(f"{path}: {len(set(splits) & set(user))} keys are listed twice; {fix}")
+    if len(set(keys)) != len(keys):
+        raise StageError(f"{path}: {len(keys) - len(set(keys))} keys are listed twice; {fix}")
     if seed != options.seed or ratios != dict(options.ratios):
         return fresh, (f"split.seed or split.ratios changed since {path} was written (it has seed {seed}, ratios "
                        f"{ratios}; params have seed {options.seed}, ratios {dict(options.ratios)}): every row is "
                        f"assigned anew, into a new ledger (the old one stays in DVC's cache, under the previous "
                        f"commit's dvc.lock)")
-    return Ledger(seed, ratios, {**splits, **user}, set(user)), None
+    return Ledger(seed, ratios, dict(zip(keys, codes)), {k for k, u in zip(keys, user) if u}), None
 
 
 def write_ledger(path: Path, ledger: Ledger) -> None:
-    def listed(user: bool) -> dict[str, list[str]]:
-        return {name: sorted(d for d, s in ledger.splits.items() if s == name and (d in ledger.user) == user)
-                for name in SPLITS}
+    """Parquet (key uint64, split 0/1/2 = train/validation/test, user), sorted by key; seed and ratios in the
+    file's metadata. About 10 bytes a key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    write_json(path, {"version": LEDGER_VERSION, "seed": ledger.seed, "ratios": ledger.ratios,
-                      "key": "blake2b-128 (hex) of the case- and space-folded split key "
-                             "(sft_pipeline.data.splitting.key_digests)",
-                      "assigned": listed(False), "user": listed(True)})
+    keys = np.fromiter(ledger.splits, dtype=np.uint64, count=len(ledger.splits))
+    order = np.argsort(keys, kind="stable")
+    codes = np.fromiter(ledger.splits.values(), dtype=np.int8, count=len(keys))
+    user = np.fromiter((k in ledger.user for k in ledger.splits), dtype=bool, count=len(keys))
+    meta = {"version": LEDGER_VERSION, "seed": ledger.seed, "ratios": ledger.ratios, "splits": list(SPLITS),
+            "key": "seeded blake2b-64 of the case- and space-folded split key (sft_pipeline.data.splitting)"}
+    table = pa.table({"key": keys[order], "split": codes[order], "user": user[order]})
+    table = table.replace_schema_metadata({LEDGER_META: json.dumps(meta).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 # ------------------------------------------------------------------------------------------------ assignment
@@ -267,9 +276,7 @@ def assign_splits(keys: pd.Series, strata: pd.Series | None, user: pd.Series | N
     Returns the splits, the ledger with every key of `keys` in it, and counts of how each row got its split."""
     n = len(keys)
     ratios = [options.ratios[name] for name in SPLITS]
-    folded = [fold(key) for key in keys]
-    digests = _digests(folded)
-    u = _units(folded, options.seed)
+    digests, u = _hashes([fold(key) for key in keys], options.seed)
     preferred = hash_cut(u, options.ratios)
     if strata is None:
         classes, k = np.zeros(n, dtype=np.int64), 1
@@ -287,15 +294,15 @@ def assign_splits(keys: pd.Series, strata: pd.Series | None, user: pd.Series | N
     np.minimum.at(first, group, np.arange(n))
     given = np.full(groups, -1, dtype=np.int64)
     np.maximum.at(given, group, user_code)
-    code = {name: i for i, name in enumerate(SPLITS)}
-    known = np.array([code.get(ledger.splits.get(d), -1) for d in unique], dtype=np.int64)
+    unique = unique.tolist()
+    known = np.array([ledger.splits.get(d, -1) for d in unique], dtype=np.int64)
     choice = np.where(given >= 0, given, known)
 
     stats = {"rows_kept": int(size[(given < 0) & (known >= 0)].sum()),
              "rows_user": int(size[given >= 0].sum()),
              "rows_moved_by_user": int(size[(given >= 0) & (known >= 0) & (given != known)].sum())}
-    for g in np.flatnonzero(given >= 0):
-        ledger.splits[unique[g]] = SPLITS[given[g]]
+    for g in np.flatnonzero(given >= 0).tolist():
+        ledger.splits[unique[g]] = int(given[g])
         ledger.user.add(unique[g])
 
     held = np.zeros((k, len(SPLITS)), dtype=np.int64)
@@ -330,7 +337,7 @@ def assign_splits(keys: pd.Series, strata: pd.Series | None, user: pd.Series | N
             for c, m in count.items():
                 deficit[c][pick] -= m
         choice[g] = pick
-        ledger.splits[unique[g]] = SPLITS[pick]
+        ledger.splits[unique[g]] = pick
     stats.update(rows_new=int(size[new].sum()), keys_new=len(new), keys_in_ledger=len(ledger.splits),
                  keys_not_in_data=len(ledger.splits) - groups)
     out = pd.Series(pd.Categorical.from_codes(choice[group], categories=list(SPLITS)), index=keys.index,
