@@ -43,6 +43,9 @@ class Paths(Section):
     validate_summary: Path
     split_dir: Path
     split_report: Path
+    # Which split each text went to (a hash of its folded key -> split), kept between runs so that no row ever moves:
+    # a persistent DVC output of split (sft_pipeline/data/splitting.py).
+    split_ledger: Path
     tokenized_dir: Path
     tokenize_report: Path
     pretrained_dir: Path
@@ -107,6 +110,13 @@ class Validate(Section):
 class Split(Section):
     seed: int = 42
     ratios: dict[str, float] = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    # A column of the raw files (every task reads it when present) whose value, train, validation or test, puts the
+    # row in that split; an empty cell leaves the row to the ratios, any other value rejects the row (invalid_split).
+    column: str | None = None
+    # split -> globs of raw files (paths relative to paths.raw_dir; `*` also matches `/`), e.g. {test: ["test*.csv"]}:
+    # every row of a matching file goes to that split. Where the column, a glob or a text's other copies disagree,
+    # the more held-out split wins (test over validation over train) and every copy of the text goes there.
+    files: dict[str, list[str]] = {}
 
     @model_validator(mode="after")
     def _three_splits(self) -> "Split":
@@ -115,6 +125,17 @@ class Split(Section):
             raise ValueError(f"ratios: expected keys train, validation, test in that order, got {names}")
         if any(r <= 0 for r in self.ratios.values()) or abs(sum(self.ratios.values()) - 1) > 1e-9:
             raise ValueError(f"ratios: each must be > 0 and they must sum to 1, got {self.ratios}")
+        return self
+
+    @model_validator(mode="after")
+    def _files_name_splits(self) -> "Split":
+        for name, globs in self.files.items():
+            if name not in self.ratios:
+                raise ValueError(f"split.files: {name!r} is not a split; use train, validation or test")
+            if not globs or any(not g.strip() for g in globs):
+                raise ValueError(f"split.files.{name}: give at least one glob, none of them blank")
+        if self.column is not None and not self.column.strip():
+            raise ValueError("split.column: is blank; give a column name or null")
         return self
 
 

@@ -4,9 +4,12 @@
 
 Reads  paths.raw_dir (every *.csv, *.tsv, *.jsonl, *.json, *.parquet; dotfiles are ignored)
 Writes paths.clean           Parquet: source_file, line, id, the task's columns (classification: text, text_raw,
-                             label, annotator)
+                             label, annotator), split (the user's split of the row's text, from split.column or
+                             split.files; NA for none)
        paths.clean_rejected  CSV: source_file, line, id, reason, detail, text (original) of every row that stops here
-       paths.clean_report    JSON: per file rows read, kept, rejected per reason, lines decoded with the fallback
+       paths.clean_report    JSON: per file rows read, kept, rejected per reason, lines decoded with the fallback;
+                             `user_splits` (when split.column or split.files is set): rows per split, and the texts
+                             given two splits, resolved to the more held-out one
 
 What a row is, how it is normalised and what makes two rows duplicates is the task's (sft_pipeline/tasks/); for
 classification: HTML tags removed and entities unescaped, Unicode NFKC, control and zero-width characters removed,
@@ -23,7 +26,7 @@ from __future__ import annotations
 import sys
 
 from sft_pipeline import tasks
-from sft_pipeline.data import cleaning
+from sft_pipeline.data import cleaning, splitting
 from sft_pipeline.io import stage_main, write_frame, write_json
 from sft_pipeline.params import Params
 
@@ -31,7 +34,8 @@ from sft_pipeline.params import Params
 def run(params: Params) -> dict:
     paths, options = params.paths, params.clean
     files = cleaning.raw_files(paths.raw_dir)
-    kept, rejected, report = cleaning.clean(files, paths.raw_dir, tasks.get(params), options, paths.cache_dir)
+    kept, rejected, report = cleaning.clean(files, paths.raw_dir, tasks.get(params), options, paths.cache_dir,
+                                            params.split)
     write_frame(paths.clean, kept)
     write_frame(paths.clean_rejected, rejected)
     write_json(paths.clean_report, report)
@@ -41,6 +45,8 @@ def run(params: Params) -> dict:
             print(f"clean: warning: {name} has no rows (an empty file, or a header only)")
     print(f"clean: {t['rows_read']} rows read from {t['files']} files, {t['kept']} kept, rejected {t['rejected']}, "
           f"{t['decoded_with_fallback']} decoded with {options.fallback_encoding}")
+    for line in splitting.user_split_lines(report.get("user_splits")):
+        print(f"clean: {line}")
     return report
 
 

@@ -4,7 +4,7 @@
 
 Reads  paths.clean, paths.clean_rejected, paths.clean_report
 Writes paths.validated          Parquet: the rows kept (classification: text, label, source_file, line, id, n_votes,
-                                agreement)
+                                agreement), and split (the user's split, NA for none)
        paths.validate_rejected  CSV: source_file, line, id, reason, detail, text (original)
        paths.validate_report    JSON: counts per reason and file, and the task's part (classification: classes,
                                 label synonyms mapped, conflicts, annotator agreement)

@@ -2,7 +2,10 @@
 duplicates across files, and account for every row read (kept, or rejected with a reason).
 
 The task says which fields to read (`Task.fields`), how to normalise them (`Task.normalize`) and what makes two rows
-duplicates (`Task.duplicate_key`); this module does the rest the same way for every task.
+duplicates (`Task.duplicate_key`); this module does the rest the same way for every task, the user's own splits
+included: every cleaned row has a `split` column, the split that `split.column` or `split.files` gives its text (NA
+for none), resolved here, before duplicates collapse and validate merges votes, so that no copy of a text loses it
+(sft_pipeline/data/splitting.py). A value of the column that names no split rejects its row (`invalid_split`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from sft_pipeline import memo
-from sft_pipeline.data.readers import FORMATS, FileRead, read_file
+from sft_pipeline.data import splitting
+from sft_pipeline.data.readers import FORMATS, Field, FileRead, read_file
 from sft_pipeline.io import REJECTED_COLUMNS, StageError
 
 DUPLICATE = "duplicate"
@@ -41,10 +45,12 @@ def frames_from_read(read: FileRead, name: str, field_names: list[str]) -> tuple
     return frame, rejected_frame
 
 
-def clean_file(path: Path, name: str, task, options) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def clean_file(path: Path, name: str, task, options, split_column: str | None = None):
     """(normalised rows, rejected rows, what the report needs) for one raw file: everything but the duplicates,
-    which are found across files."""
+    which are found across files. `split_column` (split.column): read it too, into the rows' `split`."""
     fields = task.fields(options)
+    if split_column is not None:
+        fields = [*fields, Field("split", split_column)]
     read = read_file(path, fields, options.fallback_encoding, tsv_quoting=options.tsv_quoting)
     records, rejected = frames_from_read(read, name, [f.name for f in fields])
     ids = {r["line"]: r.get("id") for r in read.records}
@@ -54,20 +60,37 @@ def clean_file(path: Path, name: str, task, options) -> tuple[pd.DataFrame, pd.D
         "fallback_count": len(read.fallback_lines),
         "fallback_first_rows": [{"line": n, "id": ids.get(n)} for n in read.fallback_lines[:100]],
     }
-    return task.normalize(records, options), rejected, summary
+    rows = task.normalize(records, options)
+    rows["split"] = pd.Series(pd.NA, index=rows.index, dtype="string")
+    if split_column is not None and len(rows):
+        if list(rows["line"]) != list(records["line"]):
+            raise AssertionError(f"{name}: {type(task).__name__}.normalize must return one row per record, in order")
+        value = records["split"].set_axis(rows.index)
+        rows["split"], invalid = splitting.parse_split_values(value)
+        if invalid.any():
+            bad = rows[invalid]
+            rejected = pd.concat([rejected, pd.DataFrame({
+                "source_file": bad["source_file"].to_numpy(), "line": bad["line"].to_numpy(),
+                "id": bad["id"].to_numpy(), "reason": splitting.INVALID_SPLIT,
+                "detail": [f"split column {split_column!r} is {v!r}, not train, validation or test (leave it empty "
+                           f"to let split.ratios place the row)" for v in value[invalid]],
+                "text": bad["text_raw"].to_numpy()}, columns=REJECTED_COLUMNS)], ignore_index=True)
+            rows = rows[~invalid]
+    return rows.reset_index(drop=True), rejected, summary
 
 
-def cache_key(task, options) -> dict:
+def cache_key(task, options, split_column: str | None = None) -> dict:
     """What a file's cleaned rows depend on besides its bytes and name: the task, its params, the code that reads."""
-    return {"task": task.name, "options": options.model_dump(mode="json"),
+    return {"task": task.name, "options": options.model_dump(mode="json"), "split_column": split_column,
             "code": memo.source_digest(__name__, "sft_pipeline.data.readers", "sft_pipeline.data.text",
-                                       type(task).__module__, *task.clean_modules),
+                                       "sft_pipeline.data.splitting", type(task).__module__, *task.clean_modules),
             "libraries": memo.library_versions("pandas", "pyarrow")}
 
 
-def clean_files(files: list[Path], raw_dir: Path, task, options, cache_dir: Path | None):
+def clean_files(files: list[Path], raw_dir: Path, task, options, cache_dir: Path | None,
+                split_column: str | None = None):
     """Every file's (name, normalised rows, rejected rows, summary), from the cache when the file is unchanged."""
-    cache = memo.FileCache(cache_dir, "clean", cache_key(task, options))
+    cache = memo.FileCache(cache_dir, "clean", cache_key(task, options, split_column))
     out = []
     for path in files:
         name = path.relative_to(raw_dir).as_posix()
@@ -77,7 +100,7 @@ def clean_files(files: list[Path], raw_dir: Path, task, options, cache_dir: Path
             frames, summary = stored
             rows, rejected = frames["rows"], frames["rejected"]
         else:
-            rows, rejected, summary = clean_file(path, name, task, options)
+            rows, rejected, summary = clean_file(path, name, task, options, split_column)
             cache.put(name, content, {"rows": rows, "rejected": rejected}, summary)
         out.append((name, rows, rejected, summary))
     cache.prune()
@@ -145,14 +168,23 @@ def build_report(summaries: dict[str, dict], kept: pd.DataFrame, rejected: pd.Da
     return {"fallback_encoding": options.fallback_encoding, "totals": totals, "files": files}
 
 
-def clean(files: list[Path], raw_dir: Path, task, options, cache_dir: Path | None):
-    """(kept rows, rejected rows, report) for all raw files."""
-    cleaned = clean_files(files, raw_dir, task, options, cache_dir)
+def clean(files: list[Path], raw_dir: Path, task, options, cache_dir: Path | None, split=None):
+    """(kept rows, rejected rows, report) for all raw files; `split` (the split params): the user's splits."""
+    column = split.column if split is not None else None
+    cleaned = clean_files(files, raw_dir, task, options, cache_dir, column)
     normalized = pd.concat([rows for _, rows, _, _ in cleaned], ignore_index=True)
+    user_report = None
+    if split is not None and (split.column is not None or split.files):
+        by_name = splitting.file_splits([name for name, _, _, _ in cleaned], split.files)
+        by_file = normalized["source_file"].map(by_name).astype("string")
+        normalized["split"], user_report = splitting.resolve_user_splits(
+            normalized, task.split_key(normalized), normalized["split"], by_file)
     key, eligible = task.duplicate_key(normalized)
     kept, duplicates = drop_duplicates(normalized, key, eligible)
     parts = [r for _, _, r, _ in cleaned if len(r)] + ([duplicates] if len(duplicates) else [])
     rejected = pd.concat(parts, ignore_index=True) if parts else empty_rejected()
     rejected = rejected.sort_values(["source_file", "line"], kind="stable").reset_index(drop=True)
     report = build_report({name: summary for name, _, _, summary in cleaned}, kept, rejected, options)
+    if user_report is not None:
+        report["user_splits"] = user_report
     return kept, rejected, report

@@ -33,6 +33,12 @@ def rejected_rows(rows: pd.DataFrame, reason: str, detail: str) -> pd.DataFrame:
 def validate_rows(task, clean: pd.DataFrame, options) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """The task's validation of the cleaned rows, with the counts per reason and per file and the accounting check."""
     kept, rejected, task_report = task.validate(clean, options)
+    if "split" in clean:
+        # The user's split is the same for every copy of a text (clean resolved it), so it survives any merge the
+        # task makes; the task keeps the index of the rows it keeps.
+        if not kept.index.isin(clean.index).all() or kept.index.has_duplicates:
+            raise AssertionError(f"{type(task).__name__}.validate must keep the index of the rows it keeps")
+        kept = kept.assign(split=clean.loc[kept.index, "split"])
     rejected = rejected.sort_values(["source_file", "line"], kind="stable").reset_index(drop=True)
     kept = kept.reset_index(drop=True)
     reasons = {str(k): int(v) for k, v in rejected["reason"].value_counts().sort_index().items()}

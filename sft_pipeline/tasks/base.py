@@ -85,8 +85,8 @@ class Task(ABC):
     @abstractmethod
     def normalize(self, records: "pd.DataFrame", options) -> "pd.DataFrame":
         """Clean one file's records. In: `source_file`, `line` and the fields as read (strings, optional ones may be
-        NA). Out: `source_file`, `line`, `id`, the task's payload columns, and `text_raw`, the record's text as read
-        (what the quarantine files show)."""
+        NA). Out, one row per record in the same order: `source_file`, `line`, `id`, the task's payload columns, and
+        `text_raw`, the record's text as read (what the quarantine files show)."""
 
     @abstractmethod
     def duplicate_key(self, rows: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.Series"]:
@@ -96,7 +96,8 @@ class Task(ABC):
 
     @abstractmethod
     def validate(self, rows: "pd.DataFrame", options) -> tuple["pd.DataFrame", "pd.DataFrame", dict]:
-        """(rows kept, rows rejected with their reasons, report). Kept + rejected = rows, checked by the stage."""
+        """(rows kept, rows rejected with their reasons, report). Kept + rejected = rows, checked by the stage. A
+        kept row keeps the index of the row it comes from (validation.validate_rows carries the `split` over)."""
 
     @abstractmethod
     def problems(self, kept: "pd.DataFrame", options) -> list[str]:
@@ -114,7 +115,8 @@ class Task(ABC):
 
     @abstractmethod
     def split_key(self, rows: "pd.DataFrame") -> "pd.Series":
-        """The text whose hash places a row in train, validation or test: equal keys always land together."""
+        """The text that places a row in train, validation or test (data/splitting.py): equal keys (after folding
+        case and spaces) always land together. Asked of cleaned rows too, to give every copy the user's split."""
 
     def strata(self, rows: "pd.DataFrame") -> "pd.Series | None":
         """Groups that must each reach every split (a classifier's classes), or None."""

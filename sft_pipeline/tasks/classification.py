@@ -106,12 +106,14 @@ class Params(common.Params):
 
     @model_validator(mode="after")
     def _enough_per_class_for_every_split(self) -> "Params":
+        # The split gives a class of n rows ratio * n rows of each split, rounded up or down (data/splitting.py):
+        # at least one as soon as ratio * n >= 1.
         smallest = min(self.split.ratios.values())
         needed = math.ceil(1 / smallest - 1e-9)
         if self.validate_.min_per_class < needed:
             raise ValueError(
                 f"validate.min_per_class = {self.validate_.min_per_class} is too small for the split ratio "
-                f"{smallest}: a class needs about {needed} rows to reach every split"
+                f"{smallest}: a class needs {needed} rows (rows * ratio >= 1) to reach every split"
             )
         return self
 
