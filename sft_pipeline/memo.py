@@ -2,6 +2,7 @@
 
     paths.cache_dir/clean/<key>/      one entry per raw file: its rows read and normalised, its rejected rows
     paths.cache_dir/tokenize/<key>/   token ids and untruncated lengths per distinct text, in Arrow shards
+    paths.cache_dir/files.json        sha256 of the base model's files (train's checkpoint fingerprint), by stat
 
 A cache is a memo and nothing more: each entry is addressed by everything its result depends on (the bytes of the
 file or the text, the stage's params, the code of the stage and the versions of the libraries that compute it), so a
@@ -41,6 +42,36 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             hasher.update(block)
     return hasher.hexdigest()
+
+
+def file_digests(files, memo_file: Path | None = None) -> dict[Path, str]:
+    """{path: sha256 of its bytes}. With `memo_file`, a digest is reused while the file's resolved path, size,
+    mtime, ctime and inode are the ones it was computed for: rewriting a file changes its ctime even when its size
+    and mtime are put back, so only a changed file is read again (sha256 reads about 1.6 GB/s here; README)."""
+    known = {}
+    if memo_file is not None and Path(memo_file).is_file():
+        try:
+            known = json.loads(Path(memo_file).read_text())
+        except ValueError:
+            pass  # a memo that cannot be read is recomputed
+    known = known if isinstance(known, dict) else {}
+    out, seen = {}, {}
+    for path in files:
+        real = Path(path).resolve()
+        info = real.stat()
+        stamp = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+        entry = known.get(str(real))
+        if isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str):
+            out[path] = entry["sha256"]
+        else:
+            with open(real, "rb") as fh:
+                out[path] = hashlib.file_digest(fh, "sha256").hexdigest()
+        seen[str(real)] = {"stat": stamp, "sha256": out[path]}
+    if memo_file is not None and any(known.get(k) != v for k, v in seen.items()):
+        kept = {k: v for k, v in known.items() if Path(k).exists()}
+        Path(memo_file).parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(Path(memo_file), lambda tmp: tmp.write_text(json.dumps({**kept, **seen}, indent=1)))
+    return out
 
 
 def source_digest(*modules: str) -> str:
