@@ -305,6 +305,10 @@ class TokenCache:
         # Only now is every other file unused: the shards compacted away, and what a killed run left (a shard it
         # wrote but never listed, a temporary file).
         for path in self.dir.iterdir():
-            if path.name not in shards and path.name != self.MANIFEST:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.name in shards or path.name == self.MANIFEST:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         self.shards, self.listed, self.damaged = shards, True, False

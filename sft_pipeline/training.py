@@ -118,8 +118,10 @@ def prepare_checkpoints(checkpoints_dir: Path, current: dict) -> str | None:
         previous = None  # unreadable: as if stale
     if previous != current:
         for entry in entries:
-            if entry != marker:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry != marker:
+                entry.unlink()
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, current)
     complete = []
