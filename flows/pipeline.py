@@ -11,7 +11,9 @@ never cached by Prefect: DVC alone decides what is stale.
 Only one pipeline run at a time: the flow holds paths.pipeline_lock while DVC runs. A second run waits
 watch.lock_timeout_s seconds for it, then ends as `Skipped` with a log line saying why, so it never meets DVC's lock.
 The watch flow compares a content hash of data/raw with the one recorded after the last successful run
-(paths.watch_state) and runs the pipeline only when they differ.
+(paths.watch_state) and runs the pipeline only when they differ. The state is written to a temporary file and
+renamed into place, so a kill or a full disk while writing it leaves the previous state; a state file that cannot be
+read anyway is reported and treated as absent (the pipeline runs, and DVC skips what is up to date).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
+from sft_pipeline.io import write_json  # noqa: E402
 from sft_pipeline.params import Params, load  # noqa: E402
 
 SKIPPED = "Skipped"
@@ -155,7 +158,10 @@ def watch_flow(root: str = "."):
     raw_dir = root_path / params.paths.raw_dir
     state_file = root_path / params.paths.watch_state
     current = raw_fingerprint(raw_dir)
-    previous = json.loads(state_file.read_text()) if state_file.is_file() else None
+    previous = read_state(state_file)
+    if previous is None and state_file.exists():
+        logger.warning("%s cannot be read (not a JSON object); running the pipeline as if it were absent",
+                       state_file)
     if previous and previous.get("sha256") == current["sha256"]:
         message = (f"no new or changed annotations in {params.paths.raw_dir} since the last successful run "
                    f"({previous.get('finished_at')}, {current['files']} files); nothing to do")
@@ -166,10 +172,17 @@ def watch_flow(root: str = "."):
     outcome = pipeline_flow(root=str(root_path))
     if isinstance(outcome, dict) and "skipped" in outcome:
         return Completed(name=SKIPPED, message=outcome["skipped"], data={"ran": False, "reason": outcome["skipped"]})
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps({**current, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                      "stages": outcome}, indent=2))
+    write_json(state_file, {**current, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": outcome})
     return {"ran": True, "stages": outcome}
+
+
+def read_state(state_file: Path) -> dict | None:
+    """The recorded watch state, or None when there is none or it cannot be read."""
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,29 +129,60 @@ def coverage_metrics(paths: Paths) -> dict[str, float]:
             for key in names if key in values}
 
 
-def start_training_run(params: Params, resume_run_id: str | None) -> str:
-    """Open (or, after an interrupted run, reopen) the MLflow run of this training; returns its id."""
+def start_training_run(params: Params, resume_run_id: str | None, supersedes=(), reason: str = "") -> str:
+    """Open (or, after an interrupted run, reopen) the MLflow run of this training; returns its id.
+
+    `supersedes`: the runs of earlier trainings (train passes the ids it recorded). Each one other than the run
+    opened here that is still RUNNING was left so by a kill, and nothing will continue it: it is ended as KILLED,
+    tagged `superseded.by` (this run's id) and `superseded.reason` (`reason`). Finished runs are left as they are.
+    """
     import mlflow
 
     exp = experiment_id(params.paths, params.mlflow)
+    run_id = None
     if resume_run_id:
         try:
             mlflow.get_run(resume_run_id)
             mlflow.start_run(run_id=resume_run_id)
-            return resume_run_id
+            run_id = resume_run_id
         except mlflow.exceptions.MlflowException:
             pass  # the store was reset since: start afresh
-    run = mlflow.start_run(experiment_id=exp, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
-    flat = flatten(params.model_dump(mode="json", by_alias=True))
-    items = list(flat.items())
-    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-        mlflow.log_params(dict(items[start:start + 100]))
-    mlflow.log_dict(params.model_dump(mode="json", by_alias=True), "params.yaml")
-    mlflow.log_metrics(coverage_metrics(params.paths))
-    mlflow.set_tags({**git_tags(), **data_tags(params.paths), "pipeline.stage": "train",
-                     "model.base": params.model.name, "task.type": params.task.type,
-                     "train.strategy": params.train.strategy})
-    return run.info.run_id
+    if run_id is None:
+        run = mlflow.start_run(experiment_id=exp, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_id = run.info.run_id
+        flat = flatten(params.model_dump(mode="json", by_alias=True))
+        items = list(flat.items())
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+            mlflow.log_params(dict(items[start:start + 100]))
+        mlflow.log_dict(params.model_dump(mode="json", by_alias=True), "params.yaml")
+        mlflow.log_metrics(coverage_metrics(params.paths))
+        mlflow.set_tags({**git_tags(), **data_tags(params.paths), "pipeline.stage": "train",
+                         "model.base": params.model.name, "task.type": params.task.type,
+                         "train.strategy": params.train.strategy})
+    for old in dict.fromkeys(supersedes):
+        if old != run_id:
+            end_abandoned_run(old, run_id, reason)
+    return run_id
+
+
+def end_abandoned_run(run_id: str, superseded_by: str, reason: str) -> bool:
+    """End `run_id` as KILLED if it is still RUNNING (a killed process cannot end its own run); True if it was."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        status = client.get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        return False  # not in this store (reset since, or another store): nothing to end
+    if status != "RUNNING":
+        return False
+    client.set_tag(run_id, "superseded.by", superseded_by)
+    client.set_tag(run_id, "superseded.reason", f"left RUNNING by a process that was killed; {reason}")
+    client.set_terminated(run_id, status="KILLED")
+    print(f"train: MLflow run {run_id} was left RUNNING by a killed process; ended as KILLED, superseded by run "
+          f"{superseded_by}")
+    return True
 
 
 METRIC_NAMES = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}

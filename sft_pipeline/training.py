@@ -4,8 +4,10 @@
   similar lengths in random order: LengthGroupedBatches), validation after every epoch, the best epoch (by the task's
   `best_metric`) restored at the end.
 - Checkpoints every epoch and every `train.save_every_steps` optimizer steps, resumed only when they were made from
-  the same train and model params and the same tokenized data (`fingerprint.json`); a checkpoint folder cut short by
-  a kill is removed. Adapter strategies checkpoint the adapter and the optimizer state of its weights only.
+  the same train and model params, the same base weights (a content hash of the model's files, not its name) and the
+  same tokenized data (`fingerprint.json`); a checkpoint folder cut short by a kill is removed. Stale checkpoints are
+  deleted only where train made them: a paths.checkpoints_dir holding files train did not make is refused, and
+  nothing in it is deleted. Adapter strategies checkpoint the adapter and the optimizer state of its weights only.
 - A progress bar for training and validation (steps, loss, learning rate, ETA), one line per epoch with the
   validation metrics, and any callbacks the caller adds (the MLflow run's live metrics, sft_pipeline.tracking).
 - `freeze` with nothing below the head training: the backbone's output for each row is computed once, in eval mode,
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -23,12 +26,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sft_pipeline.io import write_json
+from sft_pipeline import memo
+from sft_pipeline.io import StageError, write_json
 from sft_pipeline.modeling import fingerprint
 from sft_pipeline.params import Model, Paths, Train
 
 FINGERPRINT_FILE = "fingerprint.json"
 RUN_ID_FILE = "mlflow_run_id"
+# What train writes in paths.checkpoints_dir: the Trainer's checkpoint-<step> folders, the two files above, and the
+# temporary siblings of an atomic write that a kill left.
+_OURS = re.compile(rf"checkpoint-\d+|{re.escape(FINGERPRINT_FILE)}|{re.escape(RUN_ID_FILE)}|\..+\.tmp")
+# The files from_pretrained reads at the top of a model folder (weights, config, tokenizer, chat template, remote
+# code); READMEs, ONNX exports and other frameworks' weights beside them do not change what trains.
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".tiktoken", ".jinja", ".py")
 STEP_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm"]
 # Keys of an evaluation log entry that are not metrics of the model.
 _EVAL_SPEED = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
@@ -37,27 +47,81 @@ _EVAL_SPEED = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def run_fingerprint(model: Model, options: Train, tokenized_dir: Path) -> dict:
+def model_folder(model: Model) -> Path | None:
+    """The folder the base model's files are read from: model.name when it is a folder, else the hub snapshot of
+    model.name at model.revision in the local Hugging Face cache (where loading the model put it); None if neither."""
+    local = Path(model.name)
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model.name, revision=model.revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not a hub id, or not in the cache: the caller says so
+        return None
+
+
+def weights_fingerprint(model: Model, cache_dir: Path | None = None) -> dict:
+    """{file name: sha256} of the base model's files (MODEL_FILE_SUFFIXES at the top of its folder): the same name
+    with other weights is another model. Digests are remembered under `cache_dir` by (path, size, mtime, ctime,
+    inode) (memo.file_digests), so a large model is read once, not at every run."""
+    folder = model_folder(model)
+    if folder is None:
+        print(f"train: warning: the files of model {model.name!r} were not found (neither a folder nor in the Hugging "
+              f"Face cache); checkpoints are matched by its name and revision only")
+        return {"unresolved": model.name, "revision": model.revision}
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix in MODEL_FILE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    digests = memo.file_digests(files, None if cache_dir is None else Path(cache_dir) / "files.json")
+    return {p.name: digests[p] for p in files}
+
+
+def run_fingerprint(model: Model, options: Train, tokenized_dir: Path, cache_dir: Path | None = None) -> dict:
     return {
         "model": model.model_dump(mode="json"),
+        "weights": weights_fingerprint(model, cache_dir),
         "train": options.model_dump(mode="json"),
         "tokenized": fingerprint(tokenized_dir),
     }
 
 
 def prepare_checkpoints(checkpoints_dir: Path, current: dict) -> str | None:
-    """The checkpoint to resume from, if any; stale checkpoints (other params or data) are removed.
+    """The checkpoint to resume from, if any; stale checkpoints (other params, base weights or data) are removed.
 
-    The Trainer writes trainer_state.json last, so a checkpoint folder without it was cut short by a kill: it is
-    removed, and the newest complete one is resumed.
+    Only what train made is ever deleted: the folder is train's when it holds FINGERPRINT_FILE (written when train
+    first uses it) or is empty, and then holds nothing but checkpoint-<step> folders and train's own files. Anything
+    else there is refused with a StageError that names it, before anything is deleted. The Trainer writes
+    trainer_state.json last, so a checkpoint folder without it was cut short by a kill: it is removed, and the newest
+    complete one is resumed.
     """
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+    checkpoints_dir = Path(checkpoints_dir)
     marker = checkpoints_dir / FINGERPRINT_FILE
-    if checkpoints_dir.is_dir():
+    if checkpoints_dir.exists() and not checkpoints_dir.is_dir():
+        raise StageError(f"{checkpoints_dir}: paths.checkpoints_dir is a file; train keeps its checkpoints in a "
+                         f"folder there. Move the file away or set paths.checkpoints_dir to another path")
+    entries = sorted(checkpoints_dir.iterdir()) if checkpoints_dir.is_dir() else []
+    foreign = [e.name for e in entries if not (_OURS.fullmatch(e.name) and (e.is_dir() == e.name.startswith(
+        f"{PREFIX_CHECKPOINT_DIR}-")))]
+    if entries and not marker.is_file():
+        foreign = [e.name for e in entries]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise StageError(f"{checkpoints_dir}: paths.checkpoints_dir holds {shown}, which train did not make (train "
+                         f"deletes stale checkpoints there, so it only uses a folder that is empty or its own, "
+                         f"marked by {FINGERPRINT_FILE}). Move those files away, or set paths.checkpoints_dir to a "
+                         f"folder of its own")
+    try:
         previous = json.loads(marker.read_text()) if marker.is_file() else None
-        if previous != current:
-            shutil.rmtree(checkpoints_dir)
+    except ValueError:
+        previous = None  # unreadable: as if stale
+    if previous != current:
+        for entry in entries:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry != marker:
+                entry.unlink()
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, current)
     complete = []

@@ -19,7 +19,8 @@ The task (sft_pipeline/tasks/) builds the model (classification: AutoModelForSeq
 head for the labels), collates batches and computes validation metrics; the strategy (sft_pipeline/strategies.py)
 decides what trains; the loop is Hugging Face's Trainer with checkpoints, resume and a progress bar
 (sft_pipeline/training.py). A resumed run continues the MLflow run of the interrupted one, so one training is one
-MLflow run.
+MLflow run; an earlier training's run that a kill left RUNNING (its id in the checkpoints folder or in
+paths.mlflow_run) and that this training does not continue is ended as KILLED, tagged with the run that superseded it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 import time
 
 from sft_pipeline import strategies, tasks, training
-from sft_pipeline.io import StageError, atomic_path, stage_main, write_frame, write_json
+from sft_pipeline.io import StageError, atomic_path, read_json, stage_main, write_frame, write_json, write_text
 from sft_pipeline.modeling import load_pretrained, load_tokenizer, pick_device
 from sft_pipeline.params import Params
 
@@ -42,6 +43,14 @@ def peak_memory_mb(device: str) -> dict:
     if device == "cuda":
         peak["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return peak
+
+
+def previous_run_id(mlflow_run) -> str | None:
+    """The run id in paths.mlflow_run (the last training's run, which evaluate completes), if it can be read."""
+    try:
+        return str(read_json(mlflow_run)["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def run(params: Params, track: bool = True) -> dict:
@@ -68,8 +77,11 @@ def run(params: Params, track: bool = True) -> dict:
     print(f"train: strategy {prepared.strategy}: {counts['trainable_params']:,} of {counts['total_params']:,} "
           f"parameters train ({counts['trainable_fraction']:.2%}); new head {', '.join(prepared.head) or 'none'}"
           + "".join(f"; {note}" for note in prepared.notes))
-    resume = training.prepare_checkpoints(paths.checkpoints_dir,
-                                          training.run_fingerprint(params.model, options, paths.tokenized_dir))
+    # Read before prepare_checkpoints, which deletes stale checkpoints and this file with them.
+    id_file = paths.checkpoints_dir / training.RUN_ID_FILE
+    checkpoint_run = id_file.read_text().strip() if id_file.is_file() else None
+    resume = training.prepare_checkpoints(
+        paths.checkpoints_dir, training.run_fingerprint(params.model, options, paths.tokenized_dir, paths.cache_dir))
     if resume:
         print(f"train: resuming from {resume}")
     callbacks = [training.mid_epoch_checkpoints(options.save_every_steps)]
@@ -77,10 +89,13 @@ def run(params: Params, track: bool = True) -> dict:
     if track:
         from sft_pipeline import tracking
 
-        id_file = paths.checkpoints_dir / training.RUN_ID_FILE
-        run_id = tracking.start_training_run(params, id_file.read_text().strip() if resume and id_file.is_file()
-                                             else None)
-        id_file.write_text(run_id)
+        # The runs of earlier trainings: one left RUNNING by a kill that this training does not continue is ended.
+        earlier = [checkpoint_run, previous_run_id(paths.mlflow_run)]
+        run_id = tracking.start_training_run(
+            params, checkpoint_run if resume else None, supersedes=[r for r in earlier if r],
+            reason="a later training, resumed here, replaced it" if resume else
+            "its checkpoints were not resumed (none complete, or made from other params, base weights or data)")
+        write_text(id_file, run_id)
         live = tracking.live_metrics(run_id)
         callbacks.append(live)
 
