@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -30,6 +31,9 @@ from sft_pipeline import strategies, tasks
 from sft_pipeline.io import StageError, read_json, stage_main, write_frame, write_json
 from sft_pipeline.modeling import pick_device
 from sft_pipeline.params import Params
+
+if TYPE_CHECKING:
+    from sft_pipeline import tracking
 
 
 def log_model(params: Params, task, info: dict):
@@ -58,7 +62,74 @@ def log_model(params: Params, task, info: dict):
     return str(model_info.registered_model_version)
 
 
-def record(params: Params, task, info: dict, evaluation) -> dict:
+def load_served(name: str, version: str, device: str):
+    """A registered version as it is served: the pyfunc, on `device`."""
+    import mlflow
+
+    path = list(sys.path)
+    try:
+        served = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    finally:
+        sys.path[:] = path  # the model's code_paths were put first; this process keeps its own sft_pipeline
+    inner = getattr(served.unwrap_python_model(), "model", None)
+    if inner is not None and device != "cpu":
+        inner.to(device)
+    return served
+
+
+def judge(params: Params, task, evaluation, rows: pd.DataFrame, meta: dict, version: str,
+          device: str) -> tracking.Gate:
+    """Find the champion and score it on the new model's test rows; what promote decides on."""
+    import numpy as np
+
+    from sft_pipeline import tracking
+
+    settings = params.mlflow
+    metric = settings.promotion_metric
+    if metric not in evaluation.mlflow_metrics:
+        raise StageError(f"mlflow.promotion_metric {metric!r} was not computed on this test split (computed: "
+                         f"{', '.join(sorted(evaluation.mlflow_metrics))}); choose one of those")
+    logged = float(evaluation.mlflow_metrics[metric])
+    champion = tracking.current_champion(settings)
+    if champion is None:
+        return tracking.Gate("none", logged)
+    champion_version = str(champion.version)
+    if champion_version == str(version):
+        return tracking.Gate("self", logged, champion_version,
+                             note=f"evaluate ran again on the same training: v{version} is already the champion, "
+                                  f"not scored again")
+    model_input = task.gate_input(rows, params.evaluate)
+    served = None
+    try:
+        served = load_served(settings.registered_model, champion_version, device)
+        answers = served.predict(model_input)
+        if len(answers) != len(model_input):
+            raise ValueError(f"it answered {len(answers)} of {len(model_input)} test rows")
+        note = task.gate_note(served, meta)
+    # Whatever breaks in the champion's own artifacts (files deleted, a base model gone, a format this code no
+    # longer reads) must not block the new version: the champion is reported and replaced. Our scoring is outside.
+    except Exception as exc:  # noqa: BLE001
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        print(f"evaluate: WARNING: champion v{champion_version} of {settings.registered_model} could not be loaded "
+              f"or scored ({why}); v{version} replaces it")
+        return tracking.Gate("unloadable", logged, champion_version, note=why)
+    finally:
+        del served
+    new_outputs = task.gate_outputs(evaluation.answers, rows, meta)
+    champion_outputs = task.gate_outputs(answers, rows, meta)
+    if metric not in task.gate_scores(new_outputs, np.ones((1, len(new_outputs)))):
+        raise StageError(f"mlflow.promotion_metric {metric!r} cannot be compared with the champion by task "
+                         f"{task.name}")
+    comparison = tracking.paired_bootstrap(task.gate_scores, new_outputs, champion_outputs, metric)
+    print(f"evaluate: champion v{champion_version} scored on the same {comparison.rows} test rows: {metric} "
+          f"{comparison.new:.4f} (new) vs {comparison.champion:.4f} (champion), difference "
+          f"{comparison.difference:+.4f}, 95% paired bootstrap interval [{comparison.low:+.4f}, "
+          f"{comparison.high:+.4f}] over {comparison.resamples} resamples" + (f"; {note}" if note else ""))
+    return tracking.Gate("scored", comparison.new, champion_version, comparison, note)
+
+
+def record(params: Params, task, info: dict, evaluation, rows: pd.DataFrame, meta: dict,
+           device: str = "cpu") -> dict:
     """Complete the training's MLflow run: test metrics, reports, figures, model, registry decision."""
     import tempfile
 
@@ -85,7 +156,8 @@ def record(params: Params, task, info: dict, evaluation) -> dict:
             mlflow.log_table(data=table, artifact_file=name)
         # Evaluating the same training again must not register a second copy of the same model.
         version = tracking.registered_version_of(run_id, params.mlflow) or log_model(params, task, info)
-        decision = tracking.promote(run_id, version, params.mlflow)
+        gate = judge(params, task, evaluation, rows, meta, version, device)
+        decision = tracking.promote(run_id, version, params.mlflow, gate)
     decision["run_id"] = run_id
     write_json(paths.promotion, decision)
     print(f"evaluate: registered {decision['model']} v{version} as {decision['alias']}: {decision['reason']}")
@@ -115,7 +187,7 @@ def run(params: Params, track: bool = True):
     write_json(paths.evaluation, evaluation.details)
     write_frame(paths.predictions, evaluation.predictions)
     if track:
-        record(params, task, info, evaluation)
+        record(params, task, info, evaluation, rows, meta, device)
     print(f"evaluate: {evaluation.summary}")
     return evaluation
 
