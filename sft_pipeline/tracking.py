@@ -3,8 +3,9 @@
 The train stage opens the run (params, tags) and writes its id to paths.mlflow_run; while it trains, a Trainer
 callback (`live_metrics`) logs each step's loss and each epoch's validation metrics into the run as they happen, so
 the MLflow UI draws the loss curve of a run that is still going. evaluate logs the test metrics, reports, the confusion matrix and the model into the same run,
-registers the model and moves the `champion` alias only when the new version is at least as good. No Trainer
-integration or autolog runs beside it.
+registers the model, scores the `champion` version again on the same test rows, and moves the alias by the rule of
+`promotion_decision` on that paired comparison (a paired bootstrap gives its noise). No Trainer integration or
+autolog runs beside it.
 
 The store is SQLite at paths.mlflow_db, artifacts under paths.mlflow_artifacts; MLFLOW_TRACKING_URI overrides the store.
 """
@@ -252,7 +253,8 @@ def promotion_decision(new_value: float, champion_value: float | None, champion_
 
     `new_value` and `champion_value` are scores on the same test rows; `interval` is the 95% paired bootstrap
     interval of their difference (without one, the difference itself: no noise is known). The rule:
-    margin 0: promote when new >= champion (a tie promotes: at least as good on the same rows);
+    margin <= 0: promote when new - champion >= margin (at 0, a tie promotes: at least as good on the same rows;
+    the interval is reported, not required, so that a small test set does not freeze the champion);
     margin m > 0: promote when new - champion >= m and the interval's lower bound is above 0 (better by the margin,
     and not by the luck of the rows drawn).
     """

@@ -1,27 +1,43 @@
-"""Stage `evaluate`: score the trained model on the test split, record the run in MLflow, register the model.
+"""Stage `evaluate`: score the trained model on the test split, record the run in MLflow, register the model, and
+decide on the `champion` alias by scoring the champion on the same test rows.
 
     python -m stages.evaluate [--params params.yaml]
 
 Reads  paths.model_dir (any strategy: an adapter is loaded onto its base model), paths.tokenized_dir (test split,
-       task.json), paths.split_dir/test.parquet (the same rows as text)
+       task.json), paths.split_dir/test.parquet (the same rows as text); the registry's champion
+       (mlflow.registered_model, alias `champion`)
 Writes paths.metrics      JSON, the DVC metrics file (classification: accuracy, macro and weighted
                           precision/recall/F1, per class)
        paths.evaluation   JSON: the same plus the task's details (classification: support per class, the confusion
                           matrix and the most confident errors)
        paths.predictions  CSV per test row (classification: id, actual, predicted, confidence; the confusion-matrix
                           plot reads it)
-       paths.promotion    JSON: the registered model version, the alias it got (champion or challenger) and why
+       paths.promotion    JSON: the registered model version, the alias it got (champion or challenger) and why;
+                          `champion_status` (none, scored, unloadable, self) and, when scored, `comparison`: both
+                          versions' mlflow.promotion_metric on the same rows, their difference and its 95% paired
+                          bootstrap interval, the rows, and what the champion logged when it was registered
 
 What is measured is the task's (sft_pipeline/tasks/). Into the MLflow run that train opened (paths.mlflow_run) it logs
 the same test metrics, the data and evaluation reports, the task's figures (a confusion matrix), and the model as a
 pyfunc (sft_pipeline/serving.py, tokenizer inside; for adapter strategies the adapter, with the base model's
-location), which it registers under mlflow.registered_model; the promotion gate in sft_pipeline/tracking.py then
-sets the alias.
+location), which it registers under mlflow.registered_model.
+
+The promotion gate: the champion (a version other than this run's) is loaded as it is served, the pyfunc, whatever
+its base model, tokenizer, max_length or labels, and answers the test rows' inputs (`Task.gate_input`: every test
+text; for an assistant the prompts evaluate generated for, evaluate.max_rows of them). Both models' answers become
+per-row outputs (`Task.gate_outputs`, against the current rows' references: a champion trained on other labels is
+scored against today's, and the reason says so); `tracking.paired_bootstrap` scores both on 1000 seeded resamples
+of the same rows, and `tracking.promotion_decision` applies mlflow.promotion_margin to the paired difference and
+its interval. The run gets `champion_<metric>`, `paired_<metric>`, `promotion_difference`, `promotion_interval_low`/
+`_high` and `promotion_rows`. A champion that cannot be loaded or does not answer is reported (a warning, the reason,
+the `promotion.champion_status` tag, `promotion.unloadable` on its version) and replaced; when the champion is this
+run's own version (evaluate ran again without a new training), nothing is scored and its decision stands.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,6 +115,7 @@ def judge(params: Params, task, evaluation, rows: pd.DataFrame, meta: dict, vers
                              note=f"evaluate ran again on the same training: v{version} is already the champion, "
                                   f"not scored again")
     model_input = task.gate_input(rows, params.evaluate)
+    started = time.perf_counter()
     served = None
     try:
         served = load_served(settings.registered_model, champion_version, device)
@@ -120,7 +137,10 @@ def judge(params: Params, task, evaluation, rows: pd.DataFrame, meta: dict, vers
     if metric not in task.gate_scores(new_outputs, np.ones((1, len(new_outputs)))):
         raise StageError(f"mlflow.promotion_metric {metric!r} cannot be compared with the champion by task "
                          f"{task.name}")
+    answered = time.perf_counter()
     comparison = tracking.paired_bootstrap(task.gate_scores, new_outputs, champion_outputs, metric)
+    print(f"evaluate: champion v{champion_version} loaded and answered in {answered - started:.1f} s, bootstrap "
+          f"{time.perf_counter() - answered:.2f} s")
     print(f"evaluate: champion v{champion_version} scored on the same {comparison.rows} test rows: {metric} "
           f"{comparison.new:.4f} (new) vs {comparison.champion:.4f} (champion), difference "
           f"{comparison.difference:+.4f}, 95% paired bootstrap interval [{comparison.low:+.4f}, "
