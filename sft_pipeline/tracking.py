@@ -16,10 +16,9 @@ import json
 import os
 import subprocess
 import time
-from pathlib import Path
-
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -224,9 +223,9 @@ def paired_bootstrap(scores: Callable[[Any, np.ndarray], dict], new_outputs, cha
                      resamples: int = RESAMPLES, seed: int = SEED) -> Comparison:
     """Score both models' per-row outputs on the same resamples of the rows (`scores`: the task's gate_scores).
 
-    Each resample draws n row indices with replacement, seeded, and scores both models on those rows, so that what
-    the interval measures is how much the difference moves with the test rows drawn, not with the models' own noise.
-    The interval is the 2.5th and 97.5th percentile of the resampled differences.
+    Each resample draws n row indices with replacement, seeded, and scores both models on those rows: a row that is
+    hard for both is drawn for both, so the interval is that of the difference, narrower than two separate
+    intervals would suggest. The interval is the 2.5th and 97.5th percentile of the resampled differences.
     """
     n = len(new_outputs)
     if len(champion_outputs) != n:
@@ -332,9 +331,9 @@ def promote(run_id: str, version: str, settings: Mlflow, gate: Gate) -> dict:
         reason += f"; {gate.note}"
     client.set_registered_model_alias(name, alias, version)
     decision = {"model": name, "version": version, "alias": alias, "reason": reason,
-                "metric": settings.promotion_metric, "value": round(gate.new_value, 6), "margin": settings.promotion_margin,
-                "champion_before": champion if gate.status != "self" else version,
-                "champion_status": gate.status}
+                "metric": settings.promotion_metric, "value": round(gate.new_value, 6),
+                "margin": settings.promotion_margin,
+                "champion_before": champion if gate.status != "self" else version, "champion_status": gate.status}
     tags = {"promotion.decision": alias, "promotion.reason": reason, "promotion.champion_status": gate.status}
     if champion is not None:
         tags["promotion.champion_version"] = champion
@@ -354,11 +353,14 @@ def promote(run_id: str, version: str, settings: Mlflow, gate: Gate) -> dict:
     if gate.note:
         decision["note"] = gate.note
         tags["promotion.note"] = gate.note[:5000]
+    if gate.status == "self":  # the tags of the decision that made it champion stay as they are
+        return decision
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
         client.set_tag(run_id, key, value)
     if gate.status == "unloadable":  # on the old version too, where a reader of the registry looks first
-        client.set_model_version_tag(name, champion, "promotion.unloadable", f"replaced by v{version}: {gate.note}"[:5000])
+        client.set_model_version_tag(name, champion, "promotion.unloadable",
+                                     f"replaced by v{version}: {gate.note}"[:5000])
     client.set_tag(run_id, "registry.version", version)
     return decision
 

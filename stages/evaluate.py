@@ -114,6 +114,10 @@ def judge(params: Params, task, evaluation, rows: pd.DataFrame, meta: dict, vers
         return tracking.Gate("self", logged, champion_version,
                              note=f"evaluate ran again on the same training: v{version} is already the champion, "
                                   f"not scored again")
+    new_outputs = task.gate_outputs(evaluation.answers, rows, meta)
+    if metric not in task.gate_scores(new_outputs, np.ones((1, len(new_outputs)))):
+        raise StageError(f"mlflow.promotion_metric {metric!r} cannot be compared with the champion by task "
+                         f"{task.name}")
     model_input = task.gate_input(rows, params.evaluate)
     started = time.perf_counter()
     served = None
@@ -132,11 +136,7 @@ def judge(params: Params, task, evaluation, rows: pd.DataFrame, meta: dict, vers
         return tracking.Gate("unloadable", logged, champion_version, note=why)
     finally:
         del served
-    new_outputs = task.gate_outputs(evaluation.answers, rows, meta)
     champion_outputs = task.gate_outputs(answers, rows, meta)
-    if metric not in task.gate_scores(new_outputs, np.ones((1, len(new_outputs)))):
-        raise StageError(f"mlflow.promotion_metric {metric!r} cannot be compared with the champion by task "
-                         f"{task.name}")
     answered = time.perf_counter()
     comparison = tracking.paired_bootstrap(task.gate_scores, new_outputs, champion_outputs, metric)
     print(f"evaluate: champion v{champion_version} loaded and answered in {answered - started:.1f} s, bootstrap "
