@@ -256,7 +256,9 @@ class Evaluate(Section):
 class Mlflow(Section):
     experiment: str = "sft-pipeline"
     registered_model: str = "sft-model"
-    # A new version becomes `champion` when its metric >= the champion's + margin; otherwise it is `challenger`.
+    # evaluate scores the champion again on the new version's test rows (sft_pipeline/tracking.py). margin <= 0: the
+    # new version becomes `champion` when its metric >= the champion's + margin on those rows; m > 0: when it is
+    # higher by m or more and the 95% paired bootstrap interval of the difference is above 0. Else `challenger`.
     promotion_metric: str = "test_loss"
     promotion_margin: float = 0.0
 

@@ -3,8 +3,9 @@
 The train stage opens the run (params, tags) and writes its id to paths.mlflow_run; while it trains, a Trainer
 callback (`live_metrics`) logs each step's loss and each epoch's validation metrics into the run as they happen, so
 the MLflow UI draws the loss curve of a run that is still going. evaluate logs the test metrics, reports, the confusion matrix and the model into the same run,
-registers the model and moves the `champion` alias only when the new version is at least as good. No Trainer
-integration or autolog runs beside it.
+registers the model, scores the `champion` version again on the same test rows, and moves the alias by the rule of
+`promotion_decision` on that paired comparison (a paired bootstrap gives its noise). No Trainer integration or
+autolog runs beside it.
 
 The store is SQLite at paths.mlflow_db, artifacts under paths.mlflow_artifacts; MLFLOW_TRACKING_URI overrides the store.
 """
@@ -15,8 +16,12 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import yaml
 
 from sft_pipeline.params import Mlflow, Params, Paths
@@ -238,49 +243,195 @@ def live_metrics(run_id: str):
     return LiveMetrics()
 
 
+# The promotion gate. evaluate scores the champion on the same test rows as the new version (stages/evaluate.py) and
+# hands the paired scores here; promotion_decision is the rule, promote applies it to the registry.
+RESAMPLES = 1000
+SEED = 0
+# Floating-point slack for "difference >= margin": equal predictions give a difference of exactly 0, but a margin
+# such as 0.01 against 0.91 - 0.90 must not fail on the last bit.
+TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The new version and the champion scored with one metric on the same test rows, and the 95% paired bootstrap
+    interval of new - champion."""
+
+    metric: str
+    new: float
+    champion: float
+    low: float
+    high: float
+    rows: int
+    resamples: int
+    seed: int
+
+    @property
+    def difference(self) -> float:
+        return self.new - self.champion
+
+
+def paired_bootstrap(scores: Callable[[Any, np.ndarray], dict], new_outputs, champion_outputs, metric: str,
+                     resamples: int = RESAMPLES, seed: int = SEED) -> Comparison:
+    """Score both models' per-row outputs on the same resamples of the rows (`scores`: the task's gate_scores).
+
+    Each resample draws n row indices with replacement, seeded, and scores both models on those rows: a row that is
+    hard for both is drawn for both, so the interval is that of the difference, narrower than two separate
+    intervals would suggest. The interval is the 2.5th and 97.5th percentile of the resampled differences.
+    """
+    n = len(new_outputs)
+    if len(champion_outputs) != n:
+        raise ValueError(f"the new model has outputs for {n} rows, the champion for {len(champion_outputs)}")
+    rng = np.random.default_rng(seed)
+    whole = np.ones((1, n))
+    new, champion = scores(new_outputs, whole)[metric], scores(champion_outputs, whole)[metric]
+    differences = []
+    chunk = max(1, 2_000_000 // max(n, 1))  # resamples x rows weights in memory at once: about 16 MB
+    for start in range(0, resamples if n else 0, chunk):
+        draws = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        # How often each row is drawn, per resample: one bincount over the resamples' rows laid end to end.
+        offsets = draws + n * np.arange(len(draws))[:, None]
+        weights = np.bincount(offsets.ravel(), minlength=len(draws) * n).reshape(len(draws), n)
+        differences.append(scores(new_outputs, weights)[metric] - scores(champion_outputs, weights)[metric])
+    differences = np.concatenate(differences) if differences else np.zeros(1)
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return Comparison(metric, float(new[0]), float(champion[0]), float(low), float(high), n, resamples, seed)
+
+
 def promotion_decision(new_value: float, champion_value: float | None, champion_version: str | None,
-                       settings: Mlflow) -> tuple[str, str]:
-    """(alias, reason) for a new version; pure, so that the gate is tested without a registry."""
-    metric = settings.promotion_metric
+                       settings: Mlflow, interval: tuple[float, float] | None = None) -> tuple[str, str]:
+    """(alias, reason) for a new version; pure, so that the gate is tested without a registry.
+
+    `new_value` and `champion_value` are scores on the same test rows; `interval` is the 95% paired bootstrap
+    interval of their difference (without one, the difference itself: no noise is known). The rule:
+    margin <= 0: promote when new - champion >= margin (at 0, a tie promotes: at least as good on the same rows;
+    the interval is reported, not required, so that a small test set does not freeze the champion);
+    margin m > 0: promote when new - champion >= m and the interval's lower bound is above 0 (better by the margin,
+    and not by the luck of the rows drawn).
+    """
+    metric, margin = settings.promotion_metric, settings.promotion_margin
     if champion_value is None:
         return CHAMPION, f"no champion yet; {metric} = {new_value:.4f}"
-    needed = champion_value + settings.promotion_margin
-    if new_value >= needed:
-        return CHAMPION, (f"{metric} {new_value:.4f} >= champion v{champion_version}'s {champion_value:.4f} "
-                          f"+ margin {settings.promotion_margin}")
-    return CHALLENGER, (f"{metric} {new_value:.4f} < champion v{champion_version}'s {champion_value:.4f} "
-                        f"+ margin {settings.promotion_margin}; champion stays v{champion_version}")
+    difference = new_value - champion_value
+    low, high = interval if interval is not None else (difference, difference)
+    compared = (f"{metric} {new_value:.4f} vs champion v{champion_version}'s {champion_value:.4f} on the same rows: "
+                f"difference {difference:+.4f} (95% paired bootstrap interval {low:+.4f} to {high:+.4f})")
+    enough = difference >= margin - TOLERANCE
+    if margin <= 0:
+        if enough:
+            return CHAMPION, f"{compared} >= margin {margin}"
+        return CHALLENGER, f"{compared} < margin {margin}; champion stays v{champion_version}"
+    if enough and low > 0:
+        return CHAMPION, f"{compared} >= margin {margin} and the interval is above 0"
+    why = f"< margin {margin}" if not enough else "but the interval reaches 0 (the gain may be noise)"
+    return CHALLENGER, f"{compared} {why}; champion stays v{champion_version}"
 
 
-def promote(run_id: str, version: str, settings: Mlflow) -> dict:
-    """Apply the promotion gate to a registered version and record the decision on the run and the version."""
+def current_champion(settings: Mlflow):
+    """The model version holding the `champion` alias, or None."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    name = settings.registered_model
-    new_value = client.get_run(run_id).data.metrics.get(settings.promotion_metric)
-    if new_value is None:
-        raise ValueError(f"mlflow.promotion_metric {settings.promotion_metric!r} was not logged on run {run_id}")
-    champion_value = champion_version = None
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-        if str(champion.version) != str(version):
-            champion_version = str(champion.version)
-            champion_value = client.get_run(champion.run_id).data.metrics.get(settings.promotion_metric)
+        return MlflowClient().get_model_version_by_alias(settings.registered_model, CHAMPION)
     except mlflow.exceptions.MlflowException:
-        pass  # no champion yet
-    alias, reason = promotion_decision(new_value, champion_value, champion_version, settings)
-    version = str(version)
+        return None
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What evaluate found about the champion before the decision.
+
+    status: "none" (no champion yet), "self" (the champion is this run's own version: evaluate ran again without a
+    new training), "scored" (the champion answered the same rows: `comparison`), "unloadable" (its model could not
+    be loaded or did not answer: `note` says why; it is replaced). `new_value` is the new version's score (on the
+    compared rows when scored)."""
+
+    status: str
+    new_value: float
+    champion_version: str | None = None
+    comparison: Comparison | None = None
+    note: str | None = None
+
+
+def promote(run_id: str, version: str, settings: Mlflow, gate: Gate) -> dict:
+    """Apply the promotion gate to a registered version and record the decision on the run and the version."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name, version = settings.registered_model, str(version)
+    champion = gate.champion_version
+    comparison = gate.comparison
+    if gate.status == "scored":
+        alias, reason = promotion_decision(comparison.new, comparison.champion, champion, settings,
+                                           (comparison.low, comparison.high))
+        reason += f" ({comparison.rows} test rows, {comparison.resamples} resamples)"
+    elif gate.status == "self":
+        # Evaluate ran again on the same training: the decision that made it champion stands, word for word.
+        alias = CHAMPION
+        reason = client.get_model_version(name, version).tags.get("promotion.reason") or \
+            f"v{version} is already the champion"
+    elif gate.status == "unloadable":
+        alias = CHAMPION
+        reason = (f"champion v{champion} could not be scored on the test rows ({gate.note}); replaced; "
+                  f"{settings.promotion_metric} = {gate.new_value:.4f}")
+    elif gate.status == "none":
+        alias, reason = promotion_decision(gate.new_value, None, None, settings)
+    else:
+        raise ValueError(f"unknown gate status {gate.status!r}")
+    if gate.note and gate.status == "scored":
+        reason += f"; {gate.note}"
     client.set_registered_model_alias(name, alias, version)
     decision = {"model": name, "version": version, "alias": alias, "reason": reason,
-                "metric": settings.promotion_metric, "value": new_value, "champion_before": champion_version}
-    client.set_model_version_tag(name, version, "promotion.decision", alias)
-    client.set_model_version_tag(name, version, "promotion.reason", reason)
-    client.set_tag(run_id, "promotion.decision", alias)
-    client.set_tag(run_id, "promotion.reason", reason)
+                "metric": settings.promotion_metric, "value": round(gate.new_value, 6),
+                "margin": settings.promotion_margin,
+                "champion_before": champion if gate.status != "self" else version, "champion_status": gate.status}
+    tags = {"promotion.decision": alias, "promotion.reason": reason, "promotion.champion_status": gate.status}
+    if champion is not None:
+        tags["promotion.champion_version"] = champion
+    if comparison is not None:
+        decision["comparison"] = {
+            "rows": comparison.rows, "new": round(comparison.new, 6), "champion": round(comparison.champion, 6),
+            "difference": round(comparison.difference, 6),
+            "interval_95": [round(comparison.low, 6), round(comparison.high, 6)],
+            "resamples": comparison.resamples, "seed": comparison.seed,
+            # What the champion's run logged when it was registered: on the test rows of its day.
+            "champion_when_registered": registered_value(client, name, champion, settings.promotion_metric)}
+        metric = settings.promotion_metric
+        client.log_batch(run_id, metrics=[
+            _metric(f"champion_{metric}", comparison.champion), _metric(f"paired_{metric}", comparison.new),
+            _metric("promotion_difference", comparison.difference), _metric("promotion_interval_low", comparison.low),
+            _metric("promotion_interval_high", comparison.high), _metric("promotion_rows", comparison.rows)])
+    if gate.note:
+        decision["note"] = gate.note
+        tags["promotion.note"] = gate.note[:5000]
+    if gate.status == "self":  # the tags of the decision that made it champion stay as they are
+        return decision
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+        client.set_tag(run_id, key, value)
+    if gate.status == "unloadable":  # on the old version too, where a reader of the registry looks first
+        client.set_model_version_tag(name, champion, "promotion.unloadable",
+                                     f"replaced by v{version}: {gate.note}"[:5000])
     client.set_tag(run_id, "registry.version", version)
     return decision
+
+
+def registered_value(client, name: str, version: str | None, metric: str) -> float | None:
+    if version is None:
+        return None
+    import mlflow
+
+    try:
+        return client.get_run(client.get_model_version(name, version).run_id).data.metrics.get(metric)
+    except mlflow.exceptions.MlflowException:  # its run may be deleted; this number is only for the reader
+        return None
+
+
+def _metric(key: str, value: float):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
 
 
 def registered_version_of(run_id: str, settings: Mlflow) -> str | None:

@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from stages import evaluate, tokenize, train
 from sft_pipeline.params import Mlflow
-from sft_pipeline.tracking import CHALLENGER, CHAMPION, flatten, promote, promotion_decision, use_store
+from sft_pipeline.tracking import (CHALLENGER, CHAMPION, Comparison, Gate, flatten, promote, promotion_decision,
+                                   use_store)
 from tests.conftest import prepared_project
 
 
@@ -94,26 +95,29 @@ def test_first_version_becomes_champion(tracked):
 
 
 def test_promotion_gate_refuses_a_worse_model(tracked):
+    # The gate decides on paired scores (tests/test_gate.py scores a real champion); here: the registry's side.
     params, client, run_id, _ = tracked
     name = params.mlflow.registered_model
     first = client.get_model_version(name, "1")
-    champion_f1 = client.get_run(run_id).data.metrics["test_macro_f1"]
 
-    def candidate(f1: float) -> str:
+    def candidate(difference: float) -> tuple[str, str, Gate]:
         run = client.create_run(client.get_run(run_id).info.experiment_id)
-        client.log_metric(run.info.run_id, "test_macro_f1", f1)
         version = client.create_model_version(name, first.source, run.info.run_id)
-        return run.info.run_id, version.version
+        comparison = Comparison("test_macro_f1", 0.6 + difference, 0.6, difference - 0.1, difference + 0.1, 24,
+                                1000, 0)
+        return run.info.run_id, version.version, Gate("scored", comparison.new, "1", comparison)
 
-    worse_run, worse = candidate(champion_f1 - 0.05)
-    decision = promote(worse_run, worse, params.mlflow)
+    worse_run, worse, gate = candidate(-0.05)
+    decision = promote(worse_run, worse, params.mlflow, gate)
     assert decision["alias"] == CHALLENGER and "champion stays v1" in decision["reason"]
+    assert decision["comparison"]["champion"] == 0.6 and decision["comparison"]["rows"] == 24
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == str(worse)
     assert client.get_run(worse_run).data.tags["promotion.reason"] == decision["reason"]
+    assert client.get_run(worse_run).data.metrics["champion_test_macro_f1"] == 0.6
 
-    better_run, better = candidate(min(champion_f1 + 0.01, 1.0))
-    assert promote(better_run, better, params.mlflow)["alias"] == CHAMPION
+    better_run, better, gate = candidate(0.01)
+    assert promote(better_run, better, params.mlflow, gate)["alias"] == CHAMPION
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == str(better)
     client.set_registered_model_alias(name, CHAMPION, "1")  # leave the real model as champion for the next tests
 

@@ -53,6 +53,9 @@ class Evaluation:
     summary: str = ""
     #: tables for the MLflow run (`mlflow.log_table`): artifact file name -> frame
     tables: dict[str, "pd.DataFrame"] = field(default_factory=dict)
+    #: the trained model's answers to the rows of `Task.gate_input`, in the served model's form (what `Task.predict`
+    #: returns), so that the promotion gate reads the new model and the champion the same way
+    answers: "pd.DataFrame | None" = None
 
 
 class Task(ABC):
@@ -175,6 +178,31 @@ class Task(ABC):
     @abstractmethod
     def metric_names(self, params: "Params") -> set[str]:
         """The MLflow metric names evaluate logs (what `mlflow.promotion_metric` may name)."""
+
+    # ------------------------------------------------------------------------------------------- promotion gate
+    # evaluate scores the registry's champion on the same test rows as the new model (sft_pipeline/tracking.py):
+    # both models' answers become per-row outputs, and a paired bootstrap resamples the same rows of both.
+
+    @abstractmethod
+    def gate_input(self, rows: "pd.DataFrame", options) -> Any:
+        """The served model's input for the test rows the gate compares on (`rows`: the split's test file;
+        `options`: the evaluate section): raw input as `predict` takes it, one item per compared row, for the first
+        rows of the file (all of them, or as many as evaluate scores)."""
+
+    @abstractmethod
+    def gate_outputs(self, answers: "pd.DataFrame", rows: "pd.DataFrame", meta: dict) -> "pd.DataFrame":
+        """Per-row outputs of a model on the compared rows, from its served answers (what `predict` returned for
+        `gate_input`): what each row contributes to the metrics, scored against the current rows' references."""
+
+    @abstractmethod
+    def gate_scores(self, outputs: "pd.DataFrame", weights) -> dict[str, Any]:
+        """Each metric the gate can compare, under its MLflow name, as an array over the rows of `weights`
+        (resamples x compared rows: how often each row is drawn; a row of ones is the rows as they are)."""
+
+    def gate_note(self, served, meta: dict) -> str | None:
+        """What a reader must know about scoring this served model (an `mlflow.pyfunc` model) on the current rows,
+        e.g. a champion trained on other labels; None when nothing."""
+        return None
 
     # ------------------------------------------------------------------------------------------- serving
 

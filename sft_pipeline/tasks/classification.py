@@ -300,6 +300,7 @@ class Classification(Task):
             figures={"confusion_matrix.png": lambda path: confusion_image(actual, predicted, labels, path)},
             summary=f"test accuracy {m['accuracy']}, macro-F1 {m['macro']['f1']}, weighted-F1 "
                     f"{m['weighted']['f1']} on {m['test_rows']} rows",
+            answers=pd.DataFrame({"label": predicted, "score": probs.max(axis=1)}),
         )
 
     def add_baselines(self, evaluation: Evaluation, train: pd.DataFrame, test: pd.DataFrame) -> Evaluation:
@@ -341,6 +342,39 @@ class Classification(Task):
     def metric_names(self, params) -> set[str]:
         names = {"test_accuracy"} | {f"test_{a}_{s}" for a in AVERAGES for s in SCORES}
         return names | {f"test_{s}_{safe_name(label)}" for s in SCORES for label in params.validate_.labels or {}}
+
+    # promotion gate
+
+    def gate_input(self, rows: pd.DataFrame, options: Evaluate) -> pd.DataFrame:
+        # The split holds the cleaned text; the served model's cleaning leaves a cleaned text as it is.
+        return pd.DataFrame({"text": rows["text"].astype(str).to_numpy()})
+
+    def gate_outputs(self, answers: pd.DataFrame, rows: pd.DataFrame, meta: dict) -> pd.DataFrame:
+        # Categories are the current data's labels: a label the model predicts that the data no longer has is NaN,
+        # an error, as scikit-learn counts it with labels=labels.
+        labels = list(meta["labels"])
+        return pd.DataFrame({"actual": of_labels(rows["label"].astype(str), labels),
+                             "predicted": of_labels(answers["label"].astype(str), labels)})
+
+    def gate_scores(self, outputs: pd.DataFrame, weights) -> dict[str, np.ndarray]:
+        return flat_test_metrics(resampled_label_metrics(outputs["actual"], outputs["predicted"], weights))
+
+    def gate_note(self, served, meta: dict) -> str | None:
+        model = getattr(getattr(served, "unwrap_python_model", lambda: None)(), "model", None)
+        if model is None:
+            return None
+        known = set(model.config.id2label.values())
+        current = set(meta["labels"])
+        notes = []
+        if current - known:
+            notes.append(f"it was trained without {sorted(current - known)}, so their test rows count as its errors")
+        if known - current:
+            notes.append(f"its predictions of {sorted(known - current)}, labels the data no longer has, count as "
+                         f"errors")
+        if not notes:
+            return None
+        return "the champion's labels differ from the data's; scored against the current rows' labels: " + \
+            "; ".join(notes)
 
     # serving
 
@@ -427,6 +461,51 @@ def classification_summary(actual: list[str], predicted: list[str], labels: list
     return {
         "metrics": {**metrics, "per_class": per_class, "test_rows": len(actual)},
         "confusion_matrix": {"labels": labels, "rows_actual_columns_predicted": matrix.tolist()},
+    }
+
+
+def of_labels(values, labels: list[str]) -> pd.Categorical:
+    """Values as a categorical over `labels`; a value that is not one of them is NaN."""
+    known = set(labels)
+    return pd.Categorical([v if v in known else None for v in np.asarray(values, dtype=object)], categories=labels)
+
+
+def resampled_label_metrics(actual: pd.Categorical, predicted: pd.Categorical, weights) -> dict:
+    """classification_summary's `metrics` (unrounded, without test_rows) for every row of `weights` at once, each
+    value an array over those rows; the labels are `actual`'s categories, a NaN prediction is an error.
+
+    A resample's true positives, predicted and actual counts per class are weighted sums over rows, so a thousand
+    resamples cost one sparse product instead of a thousand scikit-learn calls (equal to
+    precision_recall_fscore_support with labels=labels and zero_division=0; tests/test_gate.py checks it).
+    """
+    from scipy import sparse
+
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    actual = pd.Categorical(actual)
+    labels = list(actual.categories)
+    a = np.asarray(actual.codes)
+    p = np.asarray(of_labels(predicted, labels).codes)
+    n, k = len(a), len(labels)
+
+    def per_class(mask: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        rows = np.flatnonzero(mask)
+        indicator = sparse.csr_matrix((np.ones(len(rows)), (rows, codes[rows])), shape=(n, k))
+        return np.asarray(indicator.T @ weights.T).T  # resamples x classes
+
+    def ratio(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+        return np.divide(top, bottom, out=np.zeros_like(top, dtype=np.float64), where=bottom > 0)
+
+    correct = (a == p) & (a >= 0)
+    tp, n_predicted, support = per_class(correct, a), per_class(p >= 0, p), per_class(a >= 0, a)
+    scores = {"precision": ratio(tp, n_predicted), "recall": ratio(tp, support),
+              "f1": ratio(2 * tp, n_predicted + support)}
+    total_support = support.sum(axis=1)
+    return {
+        "accuracy": ratio(weights @ correct.astype(np.float64), weights.sum(axis=1)),
+        "macro": {name: s.mean(axis=1) for name, s in scores.items()},
+        "weighted": {name: ratio((s * support).sum(axis=1), total_support) for name, s in scores.items()},
+        "per_class": {label: {**{name: s[:, i] for name, s in scores.items()}, "support": support[:, i]}
+                      for i, label in enumerate(labels)},
     }
 
 

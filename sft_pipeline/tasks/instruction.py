@@ -156,8 +156,9 @@ class Params(common.Params):
 
 
 def promotion_metrics() -> set[str]:
-    scores = ANSWER_SCORES + LABEL_SCORES
-    return {f"test_{s}" for s in scores} | {f"gain_{s}" for s in scores}
+    # Not gain_*: the gate scores the champion on the same prompts (tracking.py), and against one base model a
+    # gain differs from the test score by a constant, while against another base it compares unlike things.
+    return {f"test_{s}" for s in ANSWER_SCORES + LABEL_SCORES}
 
 
 # ------------------------------------------------------------------------------------------------ the task
@@ -431,7 +432,8 @@ class Instruction(Task):
             b = results["base"]
             summary += f"; base model: loss {b['loss']}, ROUGE-L {b['rouge_l']}, chrF {b['chrf']}"
         return Evaluation(metrics=metrics, details=details, predictions=predictions, mlflow_metrics=flat,
-                          figures=figures, summary=summary, tables={"generations.json": table})
+                          figures=figures, summary=summary, tables={"generations.json": table},
+                          answers=pd.DataFrame({"answer": answers["tuned"]}))
 
     def metrics_lines(self, metrics: dict) -> list[str]:
         names = ["loss", "perplexity", *ANSWER_SCORES] + (list(LABEL_SCORES) if metrics.get("classification_like")
@@ -448,6 +450,56 @@ class Instruction(Task):
     def metric_names(self, params) -> set[str]:
         scores = ("loss", "perplexity", *ANSWER_SCORES, *LABEL_SCORES)
         return {f"{prefix}{s}" for prefix in ("test_", "base_test_", "gain_") for s in scores}
+
+    # promotion gate
+
+    def gate_input(self, rows: pd.DataFrame, options: Evaluate) -> pd.DataFrame:
+        """The prompts evaluate generates answers for: the first evaluate.max_rows test conversations, each without
+        its last answer."""
+        limit = len(rows) if options.max_rows is None else min(options.max_rows, len(rows))
+        return pd.DataFrame({"messages": [chat.context_of(json.loads(m)) for m in rows["messages"].iloc[:limit]]})
+
+    def gate_outputs(self, answers: pd.DataFrame, rows: pd.DataFrame, meta: dict) -> pd.DataFrame:
+        """Per answer: ROUGE-L F1, exact match and chrF's n-gram statistics against the reference (chrF is a corpus
+        score, so a resample sums the statistics of its rows), and, when the test split's answers are a small set,
+        the reference's and the answer's label, as evaluate scores them."""
+        from sacrebleu.metrics import CHRF
+
+        references = [json.loads(m)[-1]["content"] for m in rows["messages"]]
+        given = [str(a) for a in answers["answer"].fillna("")]
+        compared = references[:len(given)]
+        scorer = rouge_l_scorer()
+        out = pd.DataFrame({
+            "rouge_l": [scorer.score(r, a)["rougeL"].fmeasure for a, r in zip(given, compared)],
+            "exact_match": [float(normalize_answer(a) == normalize_answer(r)) for a, r in zip(given, compared)],
+            "chrf_stats": list(np.asarray(CHRF()._extract_corpus_statistics(given, [compared]), dtype=np.float64)
+                               .reshape(len(given), -1)),
+        })
+        labels = label_set(references)  # from every test row, as evaluate decides it
+        if labels is not None:
+            from sft_pipeline.tasks.classification import of_labels
+
+            out["actual"] = of_labels([as_label(r, labels) for r in compared], labels)
+            out["predicted"] = of_labels([as_label(a, labels) for a in given], labels)  # (other): an error
+        return out
+
+    def gate_scores(self, outputs: pd.DataFrame, weights) -> dict[str, np.ndarray]:
+        from sacrebleu.metrics import CHRF
+
+        weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        total = np.maximum(weights.sum(axis=1), 1)
+        chrf = CHRF()
+        stats = weights @ np.vstack(outputs["chrf_stats"].to_numpy()) if len(outputs) else \
+            np.zeros((len(weights), 3 * (chrf.char_order + chrf.word_order)))
+        scores = {"rouge_l": weights @ outputs["rouge_l"].to_numpy(np.float64) / total,
+                  "exact_match": weights @ outputs["exact_match"].to_numpy(np.float64) / total,
+                  "chrf": np.array([chrf._compute_f_score(row) for row in stats])}
+        if "actual" in outputs:
+            from sft_pipeline.tasks.classification import resampled_label_metrics
+
+            m = resampled_label_metrics(outputs["actual"], outputs["predicted"], weights)
+            scores.update(accuracy=m["accuracy"], macro_f1=m["macro"]["f1"])
+        return {f"test_{name}": values for name, values in scores.items()}
 
     # serving
 
@@ -687,14 +739,19 @@ class WordTokenizer:
         return [t for t in _PUNCT.split(text) if t]
 
 
+def rouge_l_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=WordTokenizer())
+
+
 def answer_scores(answers: list[str], references: list[str]) -> dict:
     """ROUGE-L F1 (mean over rows, rouge-score), chrF (corpus level, sacrebleu, 0-100) and exact match."""
     if not answers:
         return {"rouge_l": 0.0, "chrf": 0.0, "exact_match": 0.0}
-    from rouge_score import rouge_scorer
     from sacrebleu.metrics import CHRF
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=WordTokenizer())
+    scorer = rouge_l_scorer()
     rouge = float(np.mean([scorer.score(r, a)["rougeL"].fmeasure for a, r in zip(answers, references)]))
     chrf = CHRF().corpus_score(answers, [references]).score
     exact = float(np.mean([normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, references)]))
