@@ -320,3 +320,23 @@ def test_template_inlines_the_library_and_refuses_code_that_would_break_the_page
     for bad in ('x = "</script>";', "var s = '{plot_divs}';"):
         with pytest.raises(StageError, match="vega5.js"):
             plots_page.template({"vega5.js": bad})
+
+
+def test_git_dirty_counts_code_and_params_but_not_the_outputs_git_now_tracks(tmp_path):
+    """With the reports in git, every repro changes tracked files; MLflow's git.dirty must still mean "code or params
+    differ from the commit"."""
+    from sft_pipeline.tracking import git_tags
+
+    for path in ("params.yaml", "stages/train.py", "reports/metrics.json", "dvc.lock"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("1\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    commit_run(tmp_path, "run")
+    outputs = (Path("reports/metrics.json"), Path("/elsewhere/not/in/the/repository.json"))
+    (tmp_path / "reports/metrics.json").write_text("2\n")
+    (tmp_path / "dvc.lock").write_text("2\n")
+    assert git_tags(tmp_path, outputs)["git.dirty"] == "false"
+    assert git_tags(tmp_path)["git.dirty"] == "true"
+    (tmp_path / "params.yaml").write_text("2\n")
+    assert git_tags(tmp_path, outputs) == {"git.commit": git(tmp_path, "rev-parse", "HEAD").strip(),
+                                           "git.dirty": "true"}
