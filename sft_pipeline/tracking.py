@@ -88,7 +88,8 @@ def flatten(data, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def git_tags(root: Path = Path(".")) -> dict[str, str]:
+def git_tags(root: Path = Path("."), outputs: tuple[Path, ...] = ()) -> dict[str, str]:
+    """The commit, and whether code or params differ from it (`outputs`, the pipeline's files, do not count)."""
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
@@ -96,8 +97,15 @@ def git_tags(root: Path = Path(".")) -> dict[str, str]:
             return None
 
     commit = git("rev-parse", "HEAD")
-    # dvc.lock changes during every repro: it says what ran, not that the code or params differ from the commit.
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
+    # dvc.lock and the reports git tracks change during every repro: they say what ran, not that the code or params
+    # differ from the commit. A path outside the repository is no pathspec git takes, and is not in its status anyway.
+    inside = []
+    for path in (Path("dvc.lock"), *outputs):
+        try:
+            inside.append((root / path).resolve().relative_to(root.resolve()).as_posix())
+        except ValueError:
+            pass
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in inside))
     return {"git.commit": commit or "unknown", "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
 
 
@@ -161,7 +169,8 @@ def start_training_run(params: Params, resume_run_id: str | None, supersedes=(),
             mlflow.log_params(dict(items[start:start + 100]))
         mlflow.log_dict(params.model_dump(mode="json", by_alias=True), "params.yaml")
         mlflow.log_metrics(coverage_metrics(params.paths))
-        mlflow.set_tags({**git_tags(), **data_tags(params.paths), "pipeline.stage": "train",
+        outputs = tuple(path for path in params.paths.model_dump().values() if path is not None)
+        mlflow.set_tags({**git_tags(outputs=outputs), **data_tags(params.paths), "pipeline.stage": "train",
                          "model.base": params.model.name, "task.type": params.task.type,
                          "train.strategy": params.train.strategy})
     for old in dict.fromkeys(supersedes):
