@@ -242,6 +242,14 @@ def promote(run_id: str, version: str, settings: Mlflow) -> dict:
     alias, reason = promotion_decision(new_value, champion_value, champion_version, settings)
     version = str(version)
     client.set_registered_model_alias(name, alias, version)
+    if alias == CHAMPION:
+        # One alias per version: a challenger that becomes champion is nobody's challenger any more. (A challenger
+        # is never the champion: the gate above compares a version only with a champion that is another version.)
+        try:
+            if str(client.get_model_version_by_alias(name, CHALLENGER).version) == version:
+                client.delete_registered_model_alias(name, CHALLENGER)
+        except mlflow.exceptions.MlflowException:
+            pass  # no challenger
     decision = {"model": name, "version": version, "alias": alias, "reason": reason,
                 "metric": settings.promotion_metric, "value": new_value, "champion_before": champion_version}
     client.set_model_version_tag(name, version, "promotion.decision", alias)
