@@ -69,5 +69,5 @@ serve: $(STAMP)        ## Prefect server + the watch flow's deployment on the cr
 ui: $(STAMP)           ## MLflow UI over mlflow.db (:5000)
 	$(BIN)/python -m flows.serve mlflow-ui
 
-serve-model: $(STAMP)  ## REST API of the registered champion model (:5001)
+serve-model: $(STAMP)  ## REST API of the registered champion, reloaded when the alias moves (:5001)
 	$(BIN)/python -m flows.serve model

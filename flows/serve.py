@@ -3,7 +3,10 @@
     python -m flows.serve schedule     # `make serve`: a local Prefect server (SQLite under .prefect/) and a deployment
                                        #   of the watch flow on the cron of params.yaml watch.cron; UI on :4200
     python -m flows.serve mlflow-ui    # `make ui`: the MLflow UI over the project's store, on :5000
-    python -m flows.serve model        # `make serve-model`: the champion model's REST API, on :5001
+    python -m flows.serve model        # `make serve-model`: the champion model's REST API, on :5001; it reads
+                                       #   params.yaml at start, asks the registry every serve.model_poll_s seconds
+                                       #   where `champion` points and switches to a new champion once it has
+                                       #   loaded (GET /version says which serves); Ctrl-C stops it
                                        #   curl -X POST 127.0.0.1:5001/invocations -H 'Content-Type: application/json'
                                        #        -d '{"dataframe_records": [{"text": "Shares rose after the results"}]}'
 
@@ -100,15 +103,15 @@ def mlflow_ui(root: Path, port: int) -> int:
 
 
 def serve_model(root: Path, port: int, alias: str) -> int:
+    """The REST API of the version holding `alias`, reloaded when the alias moves (sft_pipeline/model_server.py)."""
+    os.environ.update({k: v for k, v in quiet_env(root).items() if k in ("DO_NOT_TRACK", "MLFLOW_ENABLE_TELEMETRY")})
+    from sft_pipeline.model_server import serve
     from sft_pipeline.params import load
-    from sft_pipeline.tracking import tracking_uri
+    from sft_pipeline.tracking import use_store
 
     params = load(root / "params.yaml")
-    env = {**quiet_env(root), "MLFLOW_TRACKING_URI": tracking_uri(params.paths)}
-    uri = f"models:/{params.mlflow.registered_model}@{alias}"
-    print(f"Serving {uri} on http://{HOST}:{port}/invocations")
-    return subprocess.call([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-                            "--host", HOST, "--port", str(port)], cwd=root, env=env)
+    use_store(params.paths)
+    return serve(params.mlflow.registered_model, alias, params.serve.model_poll_s, HOST, port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -270,6 +270,12 @@ class Watch(Section):
     lock_timeout_s: float = Field(0, ge=0)
 
 
+class Serve(Section):
+    # How often the model server (`make serve-model`) asks the registry which version holds the alias it serves; a
+    # move is picked up within this many seconds, and the new version answers once it has loaded.
+    model_poll_s: float = Field(10, gt=0)
+
+
 class Params(Section):
     """What every task's params have; a task's variant (``tasks.<name>.Params``) narrows the sections it shapes."""
 
@@ -284,6 +290,7 @@ class Params(Section):
     evaluate: Evaluate = Evaluate()
     mlflow: Mlflow = Mlflow()
     watch: Watch = Watch()
+    serve: Serve = Serve()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
 

@@ -10,9 +10,14 @@
 The model folder (artifact `model_dir`) is the train stage's output: full weights, or for lora and prompt_tuning an
 adapter that is loaded onto its base model (`model_config["base_model"]`: a hub id, or the folder it was trained
 from; it must be reachable where the model is served, or serve a merged copy made by `python -m sft_pipeline.merge`).
-What the model takes and answers is the task's (`Task.predict`); a classifier takes a list of strings, a Series or a
-one-column DataFrame (over REST: {"inputs": ["text", ...]} or {"dataframe_records": [{"text": "..."}]}), cleans the
-texts as the training data was cleaned, and answers a DataFrame with `label` and `score`.
+What the model takes and answers is the task's (`Task.predict`); a classifier takes a str, a list of strings, a
+Series or a DataFrame with a `text` column (over REST: {"inputs": ["text", ...]} or {"dataframe_records":
+[{"text": "..."}]}), cleans the texts as the training data was cleaned, and answers a DataFrame with `label` and
+`score`. Input it cannot answer (no `text` field, a number or null for a text, a text empty after cleaning) raises an
+MlflowException with error code INVALID_PARAMETER_VALUE and a message naming the row and the field
+(`sft_pipeline.tasks.base.InputError`); an empty list gets an empty answer. The model has no input schema: the
+checks are predict's (MLflow's would coerce 5 and null to text first). The REST server is
+sft_pipeline/model_server.py (`make serve-model`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ class TrainedModel(PythonModel):
         self.task = tasks.get(info["task"])
 
     def predict(self, context, model_input, params=None):
-        return self.task.predict(self.model, self.tokenizer, model_input, self.config)
+        from mlflow.exceptions import MlflowException
+
+        from sft_pipeline.tasks.base import InputError
+
+        try:
+            return self.task.predict(self.model, self.tokenizer, model_input, self.config)
+        except InputError as exc:
+            # INVALID_PARAMETER_VALUE: a scoring server answers 400 with the message, not 500 with a traceback.
+            raise MlflowException.invalid_parameter_value(str(exc)) from exc
 
 
 mlflow.models.set_model(TrainedModel())

@@ -365,6 +365,7 @@ class Gate:
 
 def promote(run_id: str, version: str, settings: Mlflow, gate: Gate) -> dict:
     """Apply the promotion gate to a registered version and record the decision on the run and the version."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -391,6 +392,14 @@ def promote(run_id: str, version: str, settings: Mlflow, gate: Gate) -> dict:
     if gate.note and gate.status == "scored":
         reason += f"; {gate.note}"
     client.set_registered_model_alias(name, alias, version)
+    if alias == CHAMPION:
+        # One alias per version: a challenger that becomes champion is nobody's challenger any more. (A challenger
+        # is never the champion: the gate above compares a version only with a champion that is another version.)
+        try:
+            if str(client.get_model_version_by_alias(name, CHALLENGER).version) == version:
+                client.delete_registered_model_alias(name, CHALLENGER)
+        except mlflow.exceptions.MlflowException:
+            pass  # no challenger
     decision = {"model": name, "version": version, "alias": alias, "reason": reason,
                 "metric": settings.promotion_metric, "value": round(gate.new_value, 6),
                 "margin": settings.promotion_margin,

@@ -1,9 +1,7 @@
 """split: exact per class, stable through a ledger, the user's own splits kept, and never a text in two splits."""
 
 import json
-import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 

@@ -58,6 +58,38 @@ class Evaluation:
     answers: "pd.DataFrame | None" = None
 
 
+class InputError(ValueError):
+    """Input the served model cannot answer: a field missing, a value that is not text, a text empty after cleaning.
+    The message says which row, which field and what is expected; the pyfunc (sft_pipeline/serving.py) hands it to
+    MLflow as INVALID_PARAMETER_VALUE, which the model server answers with 400 and this message."""
+
+    @classmethod
+    def of_rows(cls, problems: list[tuple[int, str]], rows: int, expected: str) -> "InputError":
+        shown = "; ".join(f"row {i}: {why}" for i, why in problems[:5])
+        more = f"; and {len(problems) - 5} more rows" if len(problems) > 5 else ""
+        return cls(f"{len(problems)} of {rows} rows cannot be answered (rows count from 0): {shown}{more}. "
+                   f"{expected}")
+
+
+def describe(value) -> str | None:
+    """What a value that should have been a string is, for an InputError; None when it is a non-blank string."""
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)) or type(value).__name__ == "NAType":
+        return "null or missing"
+    if isinstance(value, str):
+        return None if value.strip() else f"empty ({value!r})"
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return f"{str(value).lower()} (a boolean), not a string"
+    if isinstance(value, (int, float)) or hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0:
+        return f"{value} (a number), not a string"
+    if isinstance(value, dict):
+        return "an object, not a string"
+    if hasattr(value, "__len__"):
+        return "a list, not a string"
+    return f"a {type(value).__name__}, not a string"
+
+
 class Task(ABC):
     """One task: a recipe for rows, a model class, metrics and a served model."""
 

@@ -25,7 +25,7 @@ from sft_pipeline.data.readers import Field as ReadField
 from sft_pipeline.data.text import normalize_text
 from sft_pipeline.data.validation import rejected_rows
 from sft_pipeline.names import safe_name
-from sft_pipeline.tasks.base import Encoded, Evaluation, Task
+from sft_pipeline.tasks.base import Encoded, Evaluation, InputError, Task, describe
 
 CLEAN_COLUMNS = ["source_file", "line", "id", "text", "text_raw", "label", "annotator"]
 VALIDATED_COLUMNS = ["text", "label", "source_file", "line", "id", "n_votes", "agreement"]
@@ -386,16 +386,16 @@ class Classification(Task):
         from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema
 
-        # One unnamed string column: a list of texts, a Series, or a one-column DataFrame (any name) all fit.
-        return ModelSignature(inputs=Schema([ColSpec("string")]),
-                              outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+        # No input schema: MLflow would check it before predict and, doing so, turn 5 and null into the texts "5" and
+        # "None" and keep only a record's first field ({"id": 1, "text": ...} became the text "1"). predict checks
+        # the input itself (model_texts) and names the row and field of anything it cannot classify.
+        return ModelSignature(inputs=None, outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
 
     def predict(self, model, tokenizer, model_input, config: dict) -> pd.DataFrame:
         """Raw texts get the training data's cleaning and truncation; the answer is label and its probability."""
         import torch
 
-        texts = [normalize_text(t, config.get("lowercase", False), config.get("remove_punctuation", False))
-                 for t in texts_of(model_input)]
+        texts = model_texts(model_input, config)
         max_length, batch_size = int(config.get("max_length", 512)), int(config.get("batch_size", 32))
         id2label = model.config.id2label
         labels, scores = [], []
@@ -406,22 +406,73 @@ class Classification(Task):
                 best = torch.softmax(model(**batch).logits.float(), dim=-1).max(dim=-1)
                 labels += [id2label[int(i)] for i in best.indices]
                 scores += best.values.tolist()
-        return pd.DataFrame({"label": labels, "score": scores})
+        return pd.DataFrame({"label": pd.Series(labels, dtype=object), "score": pd.Series(scores, dtype=float)})
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+EXPECTED_INPUT = ('Send texts: {"inputs": ["a text", ...]} or {"dataframe_records": [{"text": "a text"}, ...]}; '
+                  'an empty list gets an empty answer.')
+_MISSING = object()
+
+
 def texts_of(model_input) -> list[str]:
-    """A str, a list of str, a Series, or a DataFrame (its `text` column, else its first) as a list of str."""
+    """The texts of what the served model was sent, in order: a str; a list, array or Series of str; a DataFrame or
+    dict with a `text` field, or a list of such dicts (a DataFrame whose one column is the 0 of a list passes too).
+    A row whose text is missing, null, not a string or blank, or input of another shape, is an InputError that
+    names the row and the field."""
+    values = _text_values(model_input)
+    problems = [(i, "no `text` field" if v is _MISSING else f"`text` is {describe(v)}")
+                for i, v in enumerate(values) if v is _MISSING or describe(v) is not None]
+    if problems:
+        raise InputError.of_rows(problems, len(values), EXPECTED_INPUT)
+    return [str(v) for v in values]
+
+
+def model_texts(model_input, config: dict) -> list[str]:
+    """texts_of, cleaned as the training data was (config: lowercase, remove_punctuation); a text that cleaning
+    leaves empty (only markup or invisible characters) is an InputError too: the model would answer noise."""
+    raw = texts_of(model_input)
+    texts = [normalize_text(t, config.get("lowercase", False), config.get("remove_punctuation", False)) for t in raw]
+    problems = [(i, f"`text` is empty after cleaning ({raw[i][:40]!r}: markup, punctuation or invisible characters "
+                    "only)") for i, t in enumerate(texts) if not t]
+    if problems:
+        raise InputError.of_rows(problems, len(texts), EXPECTED_INPUT)
+    return texts
+
+
+def _scalar(value):
+    return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+
+
+def _text_values(model_input) -> list:
+    model_input = _scalar(model_input)
     if isinstance(model_input, str):
         return [model_input]
-    if isinstance(model_input, pd.DataFrame):
-        column = "text" if "text" in model_input.columns else model_input.columns[0]
-        return model_input[column].astype(str).tolist()
     if isinstance(model_input, pd.Series):
-        return model_input.astype(str).tolist()
-    return [str(x) for x in model_input]
+        return model_input.tolist()
+    if isinstance(model_input, pd.DataFrame):
+        if not len(model_input):
+            return []
+        if "text" in model_input.columns:
+            return model_input["text"].tolist()
+        if list(model_input.columns) == [0]:
+            return model_input[0].tolist()
+        fields = ", ".join(f"`{c}`" for c in model_input.columns)
+        raise InputError(f"no `text` field: the records have {fields}. {EXPECTED_INPUT}")
+    if isinstance(model_input, dict):
+        if "text" not in model_input:
+            fields = ", ".join(f"`{c}`" for c in model_input) or "no fields"
+            raise InputError(f"no `text` field: the input has {fields}. {EXPECTED_INPUT}")
+        value = _scalar(model_input["text"])
+        return list(value) if isinstance(value, (list, tuple, np.ndarray, pd.Series)) else [value]
+    if isinstance(model_input, np.ndarray) and model_input.ndim > 1:
+        raise InputError(f"expected a list of texts, got an array of shape {list(model_input.shape)}. "
+                         f"{EXPECTED_INPUT}")
+    if isinstance(model_input, (list, tuple, np.ndarray)):
+        return [_scalar(x.get("text", _MISSING)) if isinstance(x, dict) else _scalar(x) for x in model_input]
+    raise InputError(f"expected texts, got {describe(model_input)}. {EXPECTED_INPUT}")
 
 
 def predict_proba(model, tokenizer, ids, batch_size: int, device: str) -> np.ndarray:

@@ -34,7 +34,7 @@ from sft_pipeline import params as common
 from sft_pipeline.data.readers import Field as ReadField
 from sft_pipeline.data.validation import rejected_rows
 from sft_pipeline.io import StageError
-from sft_pipeline.tasks.base import Encoded, Evaluation, Task
+from sft_pipeline.tasks.base import Encoded, Evaluation, InputError, Task, describe
 
 CLEAN_COLUMNS = ["source_file", "line", "id", "messages", "prompt", "text_raw", "problem", "detail"]
 VALIDATED_COLUMNS = ["messages", "prompt", "source_file", "line", "id", "turns"]
@@ -511,26 +511,22 @@ class Instruction(Task):
     def signature(self):
         from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema
-        from mlflow.types.schema import Array, Object, Property
 
-        message = Object([Property("role", "string"), Property("content", "string")])
-        return ModelSignature(
-            inputs=Schema([ColSpec(Array(message), "messages", required=False),
-                           ColSpec("string", "prompt", required=False),
-                           ColSpec("string", "system", required=False)]),
-            outputs=Schema([ColSpec("string", "answer")]))
+        # No input schema: MLflow would check it before predict and drop what it does not declare, so that records
+        # without `messages` or `prompt` reached predict as no rows at all (an empty 200), and one request could not
+        # mix messages and prompts. predict checks the input itself (model_conversations) and names the row.
+        return ModelSignature(inputs=None, outputs=Schema([ColSpec("string", "answer")]))
 
     def predict(self, model, tokenizer, model_input, config: dict) -> pd.DataFrame:
         """Each conversation (or prompt) gets the chat template and the training data's cleaning; the answer is the
         greedy continuation up to the end-of-turn token, at most max_new_tokens."""
         options = Clean(strip_html=bool(config.get("strip_html", False)),
                         collapse_whitespace=bool(config.get("collapse_whitespace", False)))
-        conversations = [[{"role": m["role"], "content": normalize_turn(m["content"], options)} for m in c]
-                         for c in conversations_of(model_input)]
+        conversations = model_conversations(model_input, options)
         answers = generate(model, tokenizer, conversations, int(config.get("batch_size", 8)),
                            int(config.get("max_new_tokens", 64)), chat.stop_ids(tokenizer), str(model.device),
                            max_prompt_tokens=int(config.get("max_length", 2048)))
-        return pd.DataFrame({"answer": answers})
+        return pd.DataFrame({"answer": pd.Series(answers, dtype=object)})
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -774,44 +770,111 @@ def as_label(answer: str, labels: list[str]) -> str:
     return next((label for label in labels if normalize_answer(label) == key), OTHER)
 
 
+EXPECTED_INPUT = ('Send prompts or conversations: {"inputs": ["a prompt", ...]}, {"dataframe_records": '
+                  '[{"prompt": "...", "system": "..."}]} or {"dataframe_records": [{"messages": [{"role": "user", '
+                  '"content": "..."}]}]}; an empty list gets an empty answer.')
+
+
 def conversations_of(model_input) -> list[list[dict]]:
     """What the served model accepts: a prompt, a list of prompts, a conversation, a list of conversations, a dict
-    or DataFrame with `messages` (lists, or JSON text) or `prompt` (and optionally `system`)."""
+    or DataFrame with `messages` (lists, or JSON text) or `prompt` (and optionally `system`); one conversation per
+    row, in order. A row with neither, or with a field of the wrong kind, is an InputError naming the row."""
+    rows = _chat_rows(model_input)
+    out, problems = [], []
+    for i, row in enumerate(rows):
+        try:
+            out.append(_row_conversation(row))
+        except ValueError as exc:
+            problems.append((i, str(exc)))
+    if problems:
+        raise InputError.of_rows(problems, len(rows), EXPECTED_INPUT)
+    return out
+
+
+def model_conversations(model_input, options: Clean) -> list[list[dict]]:
+    """conversations_of with every turn cleaned as clean keeps it; a last user message that cleaning leaves empty
+    is an InputError too (the model would answer nothing in particular)."""
+    conversations = [[{"role": m["role"], "content": normalize_turn(m["content"], options)} for m in c]
+                     for c in conversations_of(model_input)]
+    problems = [(i, "the last user message is empty after cleaning") for i, c in enumerate(conversations)
+                if not c[-1]["content"]]
+    if problems:
+        raise InputError.of_rows(problems, len(conversations), EXPECTED_INPUT)
+    return conversations
+
+
+def _scalar(value):
+    return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+
+
+def _missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def _chat_rows(model_input) -> list:
+    """The rows of the input: each a prompt (str), a conversation (list of turns) or a record (dict)."""
+    model_input = _scalar(model_input)
     if isinstance(model_input, str):
-        return [[{"role": "user", "content": model_input}]]
+        return [model_input]
     if isinstance(model_input, dict):
+        model_input = {k: _scalar(v) for k, v in model_input.items()}
+        prompts = model_input.get("prompt")
+        if "messages" not in model_input and isinstance(prompts, (list, tuple, np.ndarray)):
+            # {"inputs": {"prompt": [...], "system": "..."}}: columns, one prompt a row
+            return [{**model_input, "prompt": _scalar(p)} for p in prompts]
         model_input = pd.DataFrame([model_input])
     if isinstance(model_input, pd.Series):
         model_input = model_input.tolist()
     if isinstance(model_input, pd.DataFrame):
-        out = []
-        for record in model_input.to_dict(orient="records"):
-            messages = record.get("messages")
-            if isinstance(messages, np.ndarray):
-                messages = messages.tolist()
-            if messages is not None and not (isinstance(messages, float) and messages != messages):
-                out.append(_conversation(messages))
-            elif isinstance(record.get("prompt"), str):
-                system = record.get("system")
-                out.append(([{"role": "system", "content": system}] if isinstance(system, str) and system else [])
-                           + [{"role": "user", "content": record["prompt"]}])
-            else:
-                raise ValueError("each input needs `messages` (a list of {role, content}) or `prompt` (a string)")
-        return out
-    items = list(model_input)
-    if items and all(isinstance(x, dict) and "role" in x for x in items):
-        return [_conversation(items)]
-    return [[{"role": "user", "content": x}] if isinstance(x, str) else _conversation(x) for x in items]
+        if not len(model_input):
+            return []
+        if not {"messages", "prompt"} & set(model_input.columns):
+            fields = ", ".join(f"`{c}`" for c in model_input.columns)
+            raise InputError(f"each row needs `messages` (a list of {{role, content}}) or `prompt` (a string); the "
+                             f"records have {fields}. {EXPECTED_INPUT}")
+        return model_input.to_dict(orient="records")
+    if isinstance(model_input, (list, tuple, np.ndarray)):
+        items = [_scalar(x) for x in model_input]
+        if items and all(isinstance(x, dict) and "role" in x for x in items):
+            return [items]  # one conversation
+        return items
+    raise InputError(f"expected prompts or conversations, got {describe(model_input)}. {EXPECTED_INPUT}")
+
+
+def _row_conversation(row) -> list[dict]:
+    if isinstance(row, str):
+        return [{"role": "user", "content": str(row)}]
+    if isinstance(row, (list, tuple, np.ndarray)):
+        return _conversation(row)
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a prompt, a conversation or a record, got {describe(row)}")
+    messages, prompt, system = (_scalar(row.get(k)) for k in ("messages", "prompt", "system"))
+    if not _missing(messages):
+        return _conversation(messages)
+    if _missing(prompt):
+        fields = ", ".join(f"`{k}`" for k, v in row.items() if not _missing(v)) or "no fields"
+        raise ValueError(f"needs `messages` (a list of {{role, content}}) or `prompt` (a string); it has {fields}")
+    if not isinstance(prompt, str):
+        raise ValueError(f"`prompt` is {describe(prompt)}")
+    if not _missing(system) and not isinstance(system, str):
+        raise ValueError(f"`system` is {describe(system)}")
+    return ([{"role": "system", "content": str(system)}] if isinstance(system, str) and system.strip() else []) \
+        + [{"role": "user", "content": str(prompt)}]
 
 
 def _conversation(messages) -> list[dict]:
     if isinstance(messages, str):
-        messages = json.loads(messages)
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise ValueError("`messages` is a string that is not JSON; give a list of {role, content}") from None
+    if not isinstance(messages, (list, tuple, np.ndarray)):
+        raise ValueError(f"`messages` is {describe(messages)}; give a list of {{role, content}}")
     out = []
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in chat.ROLES:
             raise ValueError(f"a message must be {{role: system|user|assistant, content: text}}, got {m!r}")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": str(m["role"]), "content": str(m["content"])})
     if not out or out[-1]["role"] != "user":
         raise ValueError("a conversation to answer must end with a user message")
     return out
