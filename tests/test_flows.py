@@ -119,30 +119,45 @@ def test_a_failing_stage_fails_the_flow_with_its_message(tmp_path, tiny_bert):
     assert "train" not in tasks and "evaluate" not in tasks
 
 
-def test_the_cron_of_params_yaml_schedules_runs_of_the_deployment():
+def served_project(tmp_path: Path) -> Path:
+    """A folder holding the project's params.yaml: what flows/serve.py reads to build the deployment."""
+    (tmp_path / "params.yaml").write_text(DEFAULT_PARAMS.read_text())
+    return tmp_path
+
+
+def test_the_served_deployment_runs_one_at_a_time_on_the_cron_of_params_yaml(tmp_path):
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    from flows import serve
+    from sft_pipeline.params import load
+
+    root = served_project(tmp_path)
+    deployment = serve.deployment(root)
+    assert (deployment.flow_name, deployment.name) == ("watch-annotations", "watch-annotations")
+    assert deployment.parameters == {"root": str(root)}
+    assert [s.schedule.cron for s in deployment.schedules] == [load(DEFAULT_PARAMS).watch.cron]
+    assert deployment.concurrency_limit == 1
+    assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+
+
+def test_the_cron_of_params_yaml_schedules_runs_of_the_deployment(tmp_path):
     """The server path that puts scheduled runs in the database (it broke with SQLAlchemy 2.1)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-    from prefect.client.schemas.schedules import CronSchedule
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from sft_pipeline.params import load
+    from flows import serve
 
-    cron = load(DEFAULT_PARAMS).watch.cron
+    deployment_id = serve.deployment(served_project(tmp_path)).apply()
 
     async def scheduled_runs():
         async with get_client() as client:
-            flow_id = await client.create_flow_from_name("watch-annotations")
-            deployment = await client.create_deployment(
-                flow_id=flow_id, name="watch-annotations", entrypoint="flows/pipeline.py:watch_flow",
-                schedules=[DeploymentScheduleCreate(schedule=CronSchedule(cron=cron), active=True)])
-            response = await client._client.post(f"/deployments/{deployment}/schedule", json={})
+            response = await client._client.post(f"/deployments/{deployment_id}/schedule", json={})
             response.raise_for_status()
             return await client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment])),
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
                 sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=50)
 
     runs = asyncio.run(scheduled_runs())
@@ -150,6 +165,45 @@ def test_the_cron_of_params_yaml_schedules_runs_of_the_deployment():
     assert {run.state.name for run in runs} == {"Scheduled"}
     gaps = {(b.expected_start_time - a.expected_start_time).total_seconds() for a, b in zip(runs, runs[1:])}
     assert gaps == {600.0}  # watch.cron is every 10 minutes
+
+
+def test_a_run_due_while_one_runs_is_cancelled_by_the_deployments_limit(tmp_path):
+    """CANCEL_NEW as the Prefect server enforces it: the states a runner proposes for each run go through the server's
+    orchestration rules, which hold one slot of the deployment's concurrency limit per run (our pipeline lock plays no
+    part here)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Pending, Running
+
+    from flows import serve
+
+    deployment_id = serve.deployment(served_project(tmp_path)).apply()
+
+    async def propose(client, run, state):
+        result = await client.set_flow_run_state(run.id, state)
+        return result.status.value, result.state.type.value, result.state.message
+
+    async def scenario():
+        async with get_client() as client:
+            first, second, third = [await client.create_flow_run_from_deployment(deployment_id) for _ in range(3)]
+            outcomes = {"first pending": await propose(client, first, Pending()),
+                        "first running": await propose(client, first, Running()),
+                        "second while first runs": await propose(client, second, Pending())}
+            outcomes["first completed"] = await propose(client, first, Completed())
+            outcomes["third after first"] = await propose(client, third, Pending())
+            outcomes["second now"] = (await client.read_flow_run(second.id)).state.type.value
+            return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes == {
+        "first pending": ("ACCEPT", "PENDING", None),
+        "first running": ("ACCEPT", "RUNNING", None),
+        "second while first runs": ("REJECT", "CANCELLED", "Deployment concurrency limit reached."),
+        "first completed": ("ACCEPT", "COMPLETED", None),
+        "third after first": ("ACCEPT", "PENDING", None),
+        "second now": "CANCELLED",
+    }
 
 
 @pytest.mark.slow
