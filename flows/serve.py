@@ -81,7 +81,9 @@ def mlflow_ui_command(root: Path, port: int) -> list[str]:
     params = load(root / "params.yaml")
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(params.paths),
             "--default-artifact-root", (root / params.paths.mlflow_artifacts).resolve().as_uri(),
-            "--host", HOST, "--port", str(port)]
+            "--host", HOST, "--port", str(port),
+            # One user on loopback: mlflow's default of 4 workers would import mlflow 4 times before answering.
+            "--workers", "1"]
 
 
 def model_uri(root: Path, alias: str) -> str:

@@ -67,28 +67,42 @@ def project(tmp_path_factory, tiny_bert) -> Path:
     return make_project(tmp_path_factory.mktemp("flow-project"), tiny_bert)
 
 
-def test_watch_flow_runs_once_then_skips_then_runs_on_a_new_file(project):
+@pytest.fixture(scope="module")
+def watched(project) -> dict:
+    """Three watch runs: on the first data, again with nothing new, then after a new annotation file; each test that
+    needs a project the pipeline has run on takes it from here, so none depends on another test having run first."""
     first = watch_flow(root=str(project), return_state=True)
-    assert first.is_completed() and first.name != SKIPPED
-    assert set(task_states(first).values()) == {"Completed"}
-    state = json.loads((project / "reports/watch_state.json").read_text())
-    assert state["files"] == 1 and set(state["stages"]) == {"clean", "validate", "split", "tokenize", "train",
-                                                              "evaluate"}
-    run_id = json.loads((project / "reports/mlflow_run.json").read_text())["run_id"]
-
+    state_after_first = json.loads((project / "reports/watch_state.json").read_text())
+    run_after_first = json.loads((project / "reports/mlflow_run.json").read_text())["run_id"]
     again = watch_flow(root=str(project), return_state=True)
-    assert again.name == SKIPPED and "no new or changed annotations" in again.message
-
     write_csv(project / "data/raw/batch2.csv", synthetic_rows(6, seed=42, prefix="new"))
     third = watch_flow(root=str(project), return_state=True)
+    return {"root": project, "first": first, "state_after_first": state_after_first,
+            "run_after_first": run_after_first, "again": again, "third": third}
+
+
+def test_watch_flow_runs_once_then_skips_then_runs_on_a_new_file(watched):
+    first, project = watched["first"], watched["root"]
+    assert first.is_completed() and first.name != SKIPPED
+    assert set(task_states(first).values()) == {"Completed"}
+    state = watched["state_after_first"]
+    assert state["files"] == 1 and set(state["stages"]) == {"clean", "validate", "split", "tokenize", "train",
+                                                              "evaluate"}
+
+    again = watched["again"]
+    assert again.name == SKIPPED and "no new or changed annotations" in again.message
+    assert task_states(again) == {}
+
+    third = watched["third"]
     assert third.is_completed() and third.name != SKIPPED
     assert third.result()["stages"]["clean"] == "ran"
-    assert json.loads((project / "reports/mlflow_run.json").read_text())["run_id"] != run_id
+    assert json.loads((project / "reports/watch_state.json").read_text())["files"] == 2
+    assert json.loads((project / "reports/mlflow_run.json").read_text())["run_id"] != watched["run_after_first"]
     assert json.loads((project / "reports/promotion.json").read_text())["version"] == "2"
 
 
-def test_pipeline_flow_shows_up_to_date_stages_as_skipped(project):
-    state = pipeline_flow(root=str(project), return_state=True)
+def test_pipeline_flow_shows_up_to_date_stages_as_skipped(watched):
+    state = pipeline_flow(root=str(watched["root"]), return_state=True)
     assert state.is_completed()
     assert state.result() == {stage: SKIPPED for stage in
                               ["clean", "validate", "split", "tokenize", "train", "evaluate"]}
