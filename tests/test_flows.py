@@ -224,23 +224,55 @@ def test_a_run_due_while_one_runs_is_cancelled_by_the_deployments_limit(tmp_path
 def test_two_pipeline_runs_started_at_once(tmp_path, tiny_bert):
     """One runs the pipeline, the other is refused with a clear message; one MLflow run, a consistent dvc.lock."""
     import os
+    import queue
+    import signal
     import subprocess
     import sys
+    import threading
 
     from mlflow.tracking import MlflowClient
 
     root = make_project(tmp_path, tiny_bert)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "flows.pipeline", "--root", str(root)]
-    # Each process starts its own temporary Prefect API: separate homes, so only the pipeline lock is shared.
-    runs = [subprocess.Popen(command, cwd=ROOT, env={**env, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [run.communicate(timeout=600)[0] for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], outputs
-    refused = [out for out in outputs if "another pipeline run holds" in out]
-    ran = [out for out in outputs if "done: ran ['clean'" in out]
-    assert len(refused) == 1 and len(ran) == 1, outputs
-    assert "Running stage" not in refused[0]
+
+    def start(i: int) -> subprocess.Popen:
+        # Each process starts its own temporary Prefect API: separate homes, so only the pipeline lock is shared.
+        return subprocess.Popen(command, cwd=ROOT, env={**env, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # Both start at once. Whether the later one meets the other's lock would depend on how fast each temporary Prefect
+    # API starts and how long the pipeline takes; so the one that holds the lock (it logs the stage order only then)
+    # is paused there (kill -STOP) until the other has ended, and the other always meets a held lock.
+    runs, lines, holders = [start(0), start(1)], ([], []), queue.Queue()
+
+    def read(i: int) -> None:
+        for line in runs[i].stdout:
+            lines[i].append(line)
+            if "stage order from dvc.yaml" in line:
+                holders.put(i)
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in (0, 1)]
+    for reader in readers:
+        reader.start()
+    try:
+        holder = holders.get(timeout=300)
+        runs[holder].send_signal(signal.SIGSTOP)
+        try:
+            runs[1 - holder].wait(timeout=300)
+        finally:
+            runs[holder].send_signal(signal.SIGCONT)
+        runs[holder].wait(timeout=600)
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+    for reader in readers:
+        reader.join(timeout=30)
+    ran, refused = "".join(lines[holder]), "".join(lines[1 - holder])
+    assert [runs[holder].returncode, runs[1 - holder].returncode] == [0, 0], (ran, refused)
+    assert "another pipeline run holds" in refused and "Running stage" not in refused, refused
+    assert "done: ran ['clean'" in ran and "another pipeline run holds" not in ran, ran
 
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True,
                             env={**env, "DVC_NO_ANALYTICS": "1"})
