@@ -57,30 +57,53 @@ def wait_for(url: str, seconds: float, process: subprocess.Popen | None = None) 
     raise TimeoutError(f"{url} did not answer within {seconds:.0f} s")
 
 
+def deployment(root: Path):
+    """The watch flow's deployment as `schedule` serves it: the cron of params.yaml watch.cron, one run at a time."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    from flows.pipeline import project_params, watch_flow
+
+    return watch_flow.to_deployment(
+        name=DEPLOYMENT,
+        cron=project_params(root).watch.cron,
+        parameters={"root": str(root)},
+        # One run at a time; a run due while another is busy is cancelled (and says so in the UI).
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+        description="Runs the DVC pipeline when annotation files in data/raw are new or changed.",
+    )
+
+
+def prefect_server_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
+
+
+def mlflow_ui_command(root: Path, port: int) -> list[str]:
+    from sft_pipeline.params import load
+    from sft_pipeline.tracking import tracking_uri
+
+    params = load(root / "params.yaml")
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(params.paths),
+            "--default-artifact-root", (root / params.paths.mlflow_artifacts).resolve().as_uri(),
+            "--host", HOST, "--port", str(port),
+            # One user on loopback: mlflow's default of 4 workers would import mlflow 4 times before answering.
+            "--workers", "1"]
+
+
 def schedule(root: Path, port: int) -> int:
     """Start the Prefect server, then serve the watch flow's deployment until interrupted."""
     env = quiet_env(root)
     api = f"http://{HOST}:{port}/api"
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port",
-                               str(port)], cwd=root, env=env)
+    server = subprocess.Popen(prefect_server_command(port), cwd=root, env=env)
     try:
         wait_for(f"{api}/health", 180, server)  # the first start migrates the SQLite database
         os.environ.update({k: env[k] for k in ("DO_NOT_TRACK", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")})
         os.environ["PREFECT_API_URL"] = api
-        from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+        from prefect import serve
 
-        from flows.pipeline import project_params, watch_flow
-
-        params = project_params(root)
-        print(f"Prefect UI: http://{HOST}:{port}  deployment {DEPLOYMENT}/{DEPLOYMENT}, cron {params.watch.cron!r}")
-        watch_flow.serve(
-            name=DEPLOYMENT,
-            cron=params.watch.cron,
-            parameters={"root": str(root)},
-            # One run at a time; a run due while another is busy is cancelled (and says so in the UI).
-            global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-            description="Runs the DVC pipeline when annotation files in data/raw are new or changed.",
-        )
+        watch = deployment(root)
+        cron = watch.schedules[0].schedule.cron
+        print(f"Prefect UI: http://{HOST}:{port}  deployment {DEPLOYMENT}/{DEPLOYMENT}, cron {cron!r}")
+        serve(watch)
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -91,13 +114,7 @@ def schedule(root: Path, port: int) -> int:
 
 
 def mlflow_ui(root: Path, port: int) -> int:
-    from sft_pipeline.params import load
-    from sft_pipeline.tracking import tracking_uri
-
-    params = load(root / "params.yaml")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(params.paths),
-               "--default-artifact-root", (root / params.paths.mlflow_artifacts).resolve().as_uri(),
-               "--host", HOST, "--port", str(port)]
+    command = mlflow_ui_command(root, port)
     print(f"MLflow UI: http://{HOST}:{port}")
     return subprocess.call(command, cwd=root, env=quiet_env(root))
 

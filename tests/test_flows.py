@@ -67,28 +67,42 @@ def project(tmp_path_factory, tiny_bert) -> Path:
     return make_project(tmp_path_factory.mktemp("flow-project"), tiny_bert)
 
 
-def test_watch_flow_runs_once_then_skips_then_runs_on_a_new_file(project):
+@pytest.fixture(scope="module")
+def watched(project) -> dict:
+    """Three watch runs: on the first data, again with nothing new, then after a new annotation file; each test that
+    needs a project the pipeline has run on takes it from here, so none depends on another test having run first."""
     first = watch_flow(root=str(project), return_state=True)
-    assert first.is_completed() and first.name != SKIPPED
-    assert set(task_states(first).values()) == {"Completed"}
-    state = json.loads((project / "reports/watch_state.json").read_text())
-    assert state["files"] == 1 and set(state["stages"]) == {"clean", "validate", "split", "tokenize", "train",
-                                                              "evaluate"}
-    run_id = json.loads((project / "reports/mlflow_run.json").read_text())["run_id"]
-
+    state_after_first = json.loads((project / "reports/watch_state.json").read_text())
+    run_after_first = json.loads((project / "reports/mlflow_run.json").read_text())["run_id"]
     again = watch_flow(root=str(project), return_state=True)
-    assert again.name == SKIPPED and "no new or changed annotations" in again.message
-
     write_csv(project / "data/raw/batch2.csv", synthetic_rows(6, seed=42, prefix="new"))
     third = watch_flow(root=str(project), return_state=True)
+    return {"root": project, "first": first, "state_after_first": state_after_first,
+            "run_after_first": run_after_first, "again": again, "third": third}
+
+
+def test_watch_flow_runs_once_then_skips_then_runs_on_a_new_file(watched):
+    first, project = watched["first"], watched["root"]
+    assert first.is_completed() and first.name != SKIPPED
+    assert set(task_states(first).values()) == {"Completed"}
+    state = watched["state_after_first"]
+    assert state["files"] == 1 and set(state["stages"]) == {"clean", "validate", "split", "tokenize", "train",
+                                                              "evaluate"}
+
+    again = watched["again"]
+    assert again.name == SKIPPED and "no new or changed annotations" in again.message
+    assert task_states(again) == {}
+
+    third = watched["third"]
     assert third.is_completed() and third.name != SKIPPED
     assert third.result()["stages"]["clean"] == "ran"
-    assert json.loads((project / "reports/mlflow_run.json").read_text())["run_id"] != run_id
+    assert json.loads((project / "reports/watch_state.json").read_text())["files"] == 2
+    assert json.loads((project / "reports/mlflow_run.json").read_text())["run_id"] != watched["run_after_first"]
     assert json.loads((project / "reports/promotion.json").read_text())["version"] == "2"
 
 
-def test_pipeline_flow_shows_up_to_date_stages_as_skipped(project):
-    state = pipeline_flow(root=str(project), return_state=True)
+def test_pipeline_flow_shows_up_to_date_stages_as_skipped(watched):
+    state = pipeline_flow(root=str(watched["root"]), return_state=True)
     assert state.is_completed()
     assert state.result() == {stage: SKIPPED for stage in
                               ["clean", "validate", "split", "tokenize", "train", "evaluate"]}
@@ -119,30 +133,45 @@ def test_a_failing_stage_fails_the_flow_with_its_message(tmp_path, tiny_bert):
     assert "train" not in tasks and "evaluate" not in tasks
 
 
-def test_the_cron_of_params_yaml_schedules_runs_of_the_deployment():
+def served_project(tmp_path: Path) -> Path:
+    """A folder holding the project's params.yaml: what flows/serve.py reads to build the deployment."""
+    (tmp_path / "params.yaml").write_text(DEFAULT_PARAMS.read_text())
+    return tmp_path
+
+
+def test_the_served_deployment_runs_one_at_a_time_on_the_cron_of_params_yaml(tmp_path):
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    from flows import serve
+    from sft_pipeline.params import load
+
+    root = served_project(tmp_path)
+    deployment = serve.deployment(root)
+    assert (deployment.flow_name, deployment.name) == ("watch-annotations", "watch-annotations")
+    assert deployment.parameters == {"root": str(root)}
+    assert [s.schedule.cron for s in deployment.schedules] == [load(DEFAULT_PARAMS).watch.cron]
+    assert deployment.concurrency_limit == 1
+    assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+
+
+def test_the_cron_of_params_yaml_schedules_runs_of_the_deployment(tmp_path):
     """The server path that puts scheduled runs in the database (it broke with SQLAlchemy 2.1)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-    from prefect.client.schemas.schedules import CronSchedule
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from sft_pipeline.params import load
+    from flows import serve
 
-    cron = load(DEFAULT_PARAMS).watch.cron
+    deployment_id = serve.deployment(served_project(tmp_path)).apply()
 
     async def scheduled_runs():
         async with get_client() as client:
-            flow_id = await client.create_flow_from_name("watch-annotations")
-            deployment = await client.create_deployment(
-                flow_id=flow_id, name="watch-annotations", entrypoint="flows/pipeline.py:watch_flow",
-                schedules=[DeploymentScheduleCreate(schedule=CronSchedule(cron=cron), active=True)])
-            response = await client._client.post(f"/deployments/{deployment}/schedule", json={})
+            response = await client._client.post(f"/deployments/{deployment_id}/schedule", json={})
             response.raise_for_status()
             return await client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment])),
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
                 sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=50)
 
     runs = asyncio.run(scheduled_runs())
@@ -152,27 +181,98 @@ def test_the_cron_of_params_yaml_schedules_runs_of_the_deployment():
     assert gaps == {600.0}  # watch.cron is every 10 minutes
 
 
+def test_a_run_due_while_one_runs_is_cancelled_by_the_deployments_limit(tmp_path):
+    """CANCEL_NEW as the Prefect server enforces it: the states a runner proposes for each run go through the server's
+    orchestration rules, which hold one slot of the deployment's concurrency limit per run (our pipeline lock plays no
+    part here)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Pending, Running
+
+    from flows import serve
+
+    deployment_id = serve.deployment(served_project(tmp_path)).apply()
+
+    async def propose(client, run, state):
+        result = await client.set_flow_run_state(run.id, state)
+        return result.status.value, result.state.type.value, result.state.message
+
+    async def scenario():
+        async with get_client() as client:
+            first, second, third = [await client.create_flow_run_from_deployment(deployment_id) for _ in range(3)]
+            outcomes = {"first pending": await propose(client, first, Pending()),
+                        "first running": await propose(client, first, Running()),
+                        "second while first runs": await propose(client, second, Pending())}
+            outcomes["first completed"] = await propose(client, first, Completed())
+            outcomes["third after first"] = await propose(client, third, Pending())
+            outcomes["second now"] = (await client.read_flow_run(second.id)).state.type.value
+            return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes == {
+        "first pending": ("ACCEPT", "PENDING", None),
+        "first running": ("ACCEPT", "RUNNING", None),
+        "second while first runs": ("REJECT", "CANCELLED", "Deployment concurrency limit reached."),
+        "first completed": ("ACCEPT", "COMPLETED", None),
+        "third after first": ("ACCEPT", "PENDING", None),
+        "second now": "CANCELLED",
+    }
+
+
 @pytest.mark.slow
 def test_two_pipeline_runs_started_at_once(tmp_path, tiny_bert):
     """One runs the pipeline, the other is refused with a clear message; one MLflow run, a consistent dvc.lock."""
     import os
+    import queue
+    import signal
     import subprocess
     import sys
+    import threading
 
     from mlflow.tracking import MlflowClient
 
     root = make_project(tmp_path, tiny_bert)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "flows.pipeline", "--root", str(root)]
-    # Each process starts its own temporary Prefect API: separate homes, so only the pipeline lock is shared.
-    runs = [subprocess.Popen(command, cwd=ROOT, env={**env, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [run.communicate(timeout=600)[0] for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], outputs
-    refused = [out for out in outputs if "another pipeline run holds" in out]
-    ran = [out for out in outputs if "done: ran ['clean'" in out]
-    assert len(refused) == 1 and len(ran) == 1, outputs
-    assert "Running stage" not in refused[0]
+
+    def start(i: int) -> subprocess.Popen:
+        # Each process starts its own temporary Prefect API: separate homes, so only the pipeline lock is shared.
+        return subprocess.Popen(command, cwd=ROOT, env={**env, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # Both start at once. Whether the later one meets the other's lock would depend on how fast each temporary Prefect
+    # API starts and how long the pipeline takes; so the one that holds the lock (it logs the stage order only then)
+    # is paused there (kill -STOP) until the other has ended, and the other always meets a held lock.
+    runs, lines, holders = [start(0), start(1)], ([], []), queue.Queue()
+
+    def read(i: int) -> None:
+        for line in runs[i].stdout:
+            lines[i].append(line)
+            if "stage order from dvc.yaml" in line:
+                holders.put(i)
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in (0, 1)]
+    for reader in readers:
+        reader.start()
+    try:
+        holder = holders.get(timeout=300)
+        runs[holder].send_signal(signal.SIGSTOP)
+        try:
+            runs[1 - holder].wait(timeout=300)
+        finally:
+            runs[holder].send_signal(signal.SIGCONT)
+        runs[holder].wait(timeout=600)
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+    for reader in readers:
+        reader.join(timeout=30)
+    ran, refused = "".join(lines[holder]), "".join(lines[1 - holder])
+    assert [runs[holder].returncode, runs[1 - holder].returncode] == [0, 0], (ran, refused)
+    assert "another pipeline run holds" in refused and "Running stage" not in refused, refused
+    assert "done: ran ['clean'" in ran and "another pipeline run holds" not in ran, ran
 
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True,
                             env={**env, "DVC_NO_ANALYTICS": "1"})

@@ -69,20 +69,26 @@ def test_stale_checkpoints_are_cleared_and_matching_ones_resumed(tmp_path):
 
 
 def test_tokenize_main_writes_arrow_labels_and_report(tmp_path, tiny_bert):
-    params, params_file = prepared_project(tmp_path, tiny_bert)
+    # max_length 14 cuts some of the synthetic texts (10 to 17 tokens) and not others: the report must count which.
+    params, params_file = prepared_project(tmp_path, tiny_bert, tokenize__max_length=14)
     assert tokenize.main(["--params", str(params_file)]) == 0
     from datasets import load_from_disk
+    from transformers import AutoTokenizer
 
     data = load_from_disk(str(params.paths.tokenized_dir / "data"))
     sizes = json.loads(params.paths.split_report.read_text())["rows"]
     assert {name: len(data[name]) for name in data} == sizes
     assert data["train"].features["labels"].names == ["business", "sport", "tech"]
-    assert max(data["train"]["length"]) <= 32
     assert (params.paths.tokenized_dir / "tokenizer" / "tokenizer.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(params.paths.tokenized_dir / "tokenizer"))
+    texts = pd.read_parquet(params.paths.split_dir / "train.parquet")["text"].tolist()
+    full = np.array([len(ids) for ids in tokenizer(texts)["input_ids"]])
+    assert data["train"]["length"] == np.minimum(full, 14).tolist()
     report = json.loads(params.paths.tokenize_report.read_text())
     assert report["splits"]["train"]["rows"] == sizes["train"]
-    assert 0 <= report["splits"]["train"]["truncated_fraction"] <= 1
-    assert report["splits"]["train"]["p50"] > 5
+    assert 0 < (full > 14).mean() < 1
+    assert report["splits"]["train"]["truncated_fraction"] == round(float((full > 14).mean()), 4)
+    assert report["splits"]["train"]["p50"] == int(np.percentile(full, 50))
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_bert", "tiny_gpt2"])

@@ -181,7 +181,9 @@ def test_without_the_feature_cache_the_frozen_backbone_runs_every_step(tmp_path,
     training.fit(prepared, task, data, tokenizer, params.paths, params.train, "cpu", [], None)
     hook.remove()
     steps = 2 * -(-len(data["train"]) // params.train.batch_size)
-    assert len(calls) >= steps  # without the cache, every step runs the backbone
+    evaluations = 2 * -(-len(data["validation"]) // params.train.eval_batch_size)
+    # Without the cache, every training step and every validation batch of each epoch runs the backbone.
+    assert len(calls) == steps + evaluations, (len(calls), steps, evaluations)
 
 
 def test_lora_merges_into_a_standalone_model_that_predicts_the_same(tmp_path, tiny_bert):
@@ -279,8 +281,11 @@ def test_the_mlflow_run_holds_metric_points_while_training_runs(tmp_path, tiny_b
     # Every step before this one (this step's loss is logged just after on_step_end), while the run goes on.
     assert seen["train_loss"] == list(range(1, seen["step"]))
     assert seen["val"] == 1  # the first epoch's validation
-    assert len(MlflowClient(uri).get_metric_history(run_id, "train_loss")) == seen["step"] + 2
-    assert live.logged > 0
+    client = MlflowClient(uri)
+    assert len(client.get_metric_history(run_id, "train_loss")) == seen["step"] + 2
+    # Every point in the run came through the callback, each once.
+    points = sum(len(client.get_metric_history(run_id, key)) for key in client.get_run(run_id).data.metrics)
+    assert live.logged == points
 
 
 def test_the_train_stage_shows_progress_not_a_dictionary_per_step(tmp_path, tiny_bert, capfd):

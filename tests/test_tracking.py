@@ -1,11 +1,14 @@
 """MLflow: one run per training with params, history, tags and artifacts; registry, promotion gate, pyfunc, servers."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -14,9 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from stages import evaluate, tokenize, train
 from sft_pipeline.params import Mlflow
-from sft_pipeline.tracking import (CHALLENGER, CHAMPION, Comparison, Gate, flatten, promote, promotion_decision,
-                                   use_store)
-from tests.conftest import prepared_project
+from sft_pipeline.tracking import (CHALLENGER, CHAMPION, Comparison, Gate, flatten, git_tags, promote,
+                                   promotion_decision, use_store)
+from tests.conftest import ROOT, prepared_project
 
 
 def test_the_store_choice_does_not_leak_into_the_environment(tmp_path):
@@ -47,19 +50,69 @@ def test_promotion_decision(new, champion, margin, alias):
     assert f"{new:.4f}" in reason
 
 
+def git(root: Path, *args: str) -> str:
+    command = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args]
+    return subprocess.run(command, cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_git_tags_name_the_commit_and_whether_tracked_files_differ_from_it(tmp_path):
+    repo, plain = tmp_path / "repo", tmp_path / "plain"
+    (repo / "stages").mkdir(parents=True)
+    plain.mkdir()
+    git(repo, "init", "-q")
+    (repo / "params.yaml").write_text("train: {epochs: 3}\n")
+    (repo / "stages" / "train.py").write_text("print('train')\n")
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "first")
+    first = git(repo, "rev-parse", "HEAD")
+    assert len(first) == 40
+    assert git_tags(repo) == {"git.commit": first, "git.dirty": "false"}
+
+    # What every repro writes (dvc.lock) and files git does not track leave the tree clean.
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (repo / "notes.txt").write_text("not tracked")
+    assert git_tags(repo) == {"git.commit": first, "git.dirty": "false"}
+    # An edit of tracked code or params makes it dirty, wherever the file is.
+    (repo / "stages" / "train.py").write_text("print('edited')\n")
+    assert git_tags(repo) == {"git.commit": first, "git.dirty": "true"}
+    git(repo, "commit", "-qam", "second")
+    second = git(repo, "rev-parse", "HEAD")
+    assert second != first and git_tags(repo) == {"git.commit": second, "git.dirty": "false"}
+    (repo / "params.yaml").write_text("train: {epochs: 4}\n")
+    assert git_tags(repo) == {"git.commit": second, "git.dirty": "true"}
+
+    # Outside a repository there is nothing to name: said so, not guessed.
+    assert git_tags(plain) == {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory, tiny_bert):
-    """Tokenize, train and evaluate through each stage's main: one MLflow run in a temporary SQLite store."""
-    tmp = tmp_path_factory.mktemp("tracked")
-    params, params_file = prepared_project(tmp, tiny_bert, train__epochs=3)
-    for stage in (tokenize, train, evaluate):
-        assert stage.main(["--params", str(params_file)]) == 0
+def tracked_root(tmp_path_factory) -> Path:
+    """The tracked project's folder: a git repository with an edit of a tracked file after its commit."""
+    root = tmp_path_factory.mktemp("tracked")
+    git(root, "init", "-q")
+    (root / "notes.md").write_text("first\n")
+    git(root, "add", "notes.md")
+    git(root, "commit", "-qm", "notes")
+    (root / "notes.md").write_text("edited after the commit\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tracked(tracked_root, tiny_bert):
+    """Tokenize, train and evaluate through each stage's main, from the project folder as `dvc repro` runs them: one
+    MLflow run in a temporary SQLite store."""
+    params, params_file = prepared_project(tracked_root, tiny_bert, train__epochs=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tracked_root)
+        for stage in (tokenize, train, evaluate):
+            assert stage.main(["--params", str(params_file)]) == 0
     uri = use_store(params.paths)
     run_id = json.loads(params.paths.mlflow_run.read_text())["run_id"]
     return params, MlflowClient(uri), run_id, uri
 
 
-def test_one_run_holds_params_history_tags_and_artifacts(tracked):
+def test_one_run_holds_params_history_tags_and_artifacts(tracked, tracked_root):
     params, client, run_id, _ = tracked
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     runs = client.search_runs([experiment.experiment_id])
@@ -67,7 +120,8 @@ def test_one_run_holds_params_history_tags_and_artifacts(tracked):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "3.0" and run.data.params["model.name"] == params.model.name
-    assert run.data.tags["git.dirty"] in ("true", "false", "unknown") and run.data.tags["git.commit"]
+    commit = git(tracked_root, "rev-parse", "HEAD")
+    assert (run.data.tags["git.commit"], run.data.tags["git.dirty"]) == (commit, "true")  # notes.md was edited
     rows = json.loads(params.paths.split_report.read_text())["rows"]
     assert run.data.tags["data.rows.train"] == str(rows["train"])
 
@@ -144,27 +198,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(command: list[str], url: str, env=None, seconds: float = 180) -> subprocess.Popen:
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+def serve(root: Path, service: str, port: int, answers: str, seconds: float = 180) -> subprocess.Popen:
+    """`python -m flows.serve <service>` (what `make ui` and `make serve-model` run), once `answers` answers."""
+    # Its own session: the server it starts is its child, and stop() ends both.
+    proc = subprocess.Popen([sys.executable, "-m", "flows.serve", service, "--root", str(root), "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited ({proc.returncode}):\n{proc.stdout.read()}")
+            raise AssertionError(f"flows.serve {service} exited ({proc.returncode}):\n{proc.stdout.read()}")
         try:
-            with urllib.request.urlopen(url, timeout=2):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{answers}", timeout=2):
                 return proc
         except OSError:
             time.sleep(0.5)
-    proc.kill()
-    raise AssertionError(f"{url} did not answer in {seconds} s")
+    stop(proc)
+    raise AssertionError(f"flows.serve {service} did not answer {answers} in {seconds} s:\n{proc.stdout.read()}")
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
 
 
 def post(url: str, body: dict) -> dict:
@@ -174,30 +233,28 @@ def post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_tracking_server_rest_api_lists_the_runs(tracked):
-    params, client, run_id, uri = tracked
+def test_the_mlflow_ui_shows_the_projects_runs_and_model(tracked, tracked_root):
+    params, client, run_id, _ = tracked
     port = free_port()
-    server = start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                    "--port", str(port), "--workers", "1"], f"http://127.0.0.1:{port}/health")
+    server = serve(tracked_root, "mlflow-ui", port, "/health")
     try:
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
         experiment_id = client.get_experiment_by_name(params.mlflow.experiment).experiment_id
-        found = post(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id]})
-        assert run_id in {r["info"]["run_id"] for r in found["runs"]}
+        found = post(f"{api}/runs/search", {"experiment_ids": [experiment_id]})
+        # Every run of the project's store, whatever other tests added to it: the UI reads that store, not another.
+        listed = {r["info"]["run_id"] for r in found["runs"]}
+        assert run_id in listed and listed == {r.info.run_id for r in client.search_runs([experiment_id])}
+        with urllib.request.urlopen(f"{api}/registered-models/alias?name={params.mlflow.registered_model}"
+                                    f"&alias={CHAMPION}", timeout=30) as response:
+            assert json.loads(response.read())["model_version"]["run_id"] == run_id
     finally:
         stop(server)
 
 
-def test_model_server_answers_a_post_of_texts(tracked):
-    import os
-
-    params, _, _, uri = tracked
+def test_model_server_answers_a_post_of_texts(tracked, tracked_root):
+    params, _, _, _ = tracked
     port = free_port()
-    # mlflow starts the scoring server as `uvicorn` from PATH: the venv's bin must come first, as `make` arranges.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    server = start([sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                    f"models:/{params.mlflow.registered_model}@{CHAMPION}", "--env-manager", "local",
-                    "--host", "127.0.0.1", "--port", str(port)], f"http://127.0.0.1:{port}/ping", env=env)
+    server = serve(tracked_root, "model", port, "/ping")
     try:
         test = pd.read_parquet(params.paths.split_dir / "test.parquet").head(5)
         expected = pd.read_csv(params.paths.predictions)["predicted"].head(5).tolist()
