@@ -7,14 +7,19 @@
                                        #   curl -X POST 127.0.0.1:5001/invocations -H 'Content-Type: application/json'
                                        #        -d '{"dataframe_records": [{"text": "Shares rose after the results"}]}'
 
-Trigger the deployment once by hand (while `make serve` runs):
+Every other `prefect` command needs the server's API in PREFECT_API_URL (without it, the CLI starts a temporary
+server of its own and finds nothing); `make serve` prints these with its port and this environment's CLI:
     PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run watch-annotations/watch-annotations
+    PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect flow-run ls
+watch.cron is read once, when `make serve` starts. Each service stops on Ctrl+C or SIGTERM (`kill <pid>`);
+`schedule` then stops its Prefect server too.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -54,8 +59,37 @@ def wait_for(url: str, seconds: float, process: subprocess.Popen | None = None) 
     raise TimeoutError(f"{url} did not answer within {seconds:.0f} s")
 
 
+def prefect_cli() -> str:
+    """This environment's Prefect CLI, as a shell word to paste: its script beside the interpreter, else `-m`."""
+    script = Path(sys.executable).parent / "prefect"
+    return shlex.quote(str(script)) if script.is_file() else f"{shlex.quote(sys.executable)} -m prefect"
+
+
+def banner(port: int, cron: str) -> str:
+    """What `make serve` prints: the UI, and commands that work when pasted into another shell."""
+    api = f"http://{HOST}:{port}/api"
+    cli = f"PREFECT_API_URL={api} {prefect_cli()}"
+    return "\n".join([
+        f"Prefect UI: http://{HOST}:{port}  deployment {DEPLOYMENT}/{DEPLOYMENT} on cron {cron!r} (watch.cron, read "
+        "only now: restart to change it)",
+        f"Other prefect commands need this server's API (or `export PREFECT_API_URL={api}` first):",
+        f"  {cli} deployment run {DEPLOYMENT}/{DEPLOYMENT}",
+        f"  {cli} deployment ls",
+        f"  {cli} flow-run ls",
+        f"  {cli} flow ls",
+        f"Stop with Ctrl+C (or `kill {os.getpid()}`): the deployment and the server stop together.",
+    ])
+
+
+def _exit_on_sigterm(signum, frame):
+    sys.exit(0)  # unwinds through schedule()'s `finally`, which stops the server
+
+
 def schedule(root: Path, port: int) -> int:
     """Start the Prefect server, then serve the watch flow's deployment until interrupted."""
+    # Python's default SIGTERM ends the process at once and leaves the server running; Prefect's runner installs
+    # the same exit once it serves.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     env = quiet_env(root)
     api = f"http://{HOST}:{port}/api"
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port",
@@ -69,8 +103,9 @@ def schedule(root: Path, port: int) -> int:
         from flows.pipeline import project_params, watch_flow
 
         params = project_params(root)
-        print(f"Prefect UI: http://{HOST}:{port}  deployment {DEPLOYMENT}/{DEPLOYMENT}, cron {params.watch.cron!r}")
+        print(banner(port, params.watch.cron), flush=True)
         watch_flow.serve(
+            print_starting_message=False,  # its `prefect deployment run` lacks PREFECT_API_URL: ours says it
             name=DEPLOYMENT,
             cron=params.watch.cron,
             parameters={"root": str(root)},
