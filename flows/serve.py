@@ -71,7 +71,7 @@ def banner(port: int, cron: str) -> str:
     cli = f"PREFECT_API_URL={api} {prefect_cli()}"
     return "\n".join([
         f"Prefect UI: http://{HOST}:{port}  deployment {DEPLOYMENT}/{DEPLOYMENT} on cron {cron!r} (watch.cron, read "
-        "only now: restart to change it)",
+        "once, at start: restart to change it)",
         f"Other prefect commands need this server's API (or `export PREFECT_API_URL={api}` first):",
         f"  {cli} deployment run {DEPLOYMENT}/{DEPLOYMENT}",
         f"  {cli} deployment ls",
