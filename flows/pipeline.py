@@ -1,7 +1,7 @@
 """Prefect flows over the DVC pipeline: run it stage by stage, and run it only when annotations changed.
 
     python -m flows.pipeline                # the pipeline flow, once (a temporary Prefect API, no server needed)
-    python -m flows.pipeline --watch        # the watch flow, once: runs the pipeline only if data/raw changed
+    python -m flows.pipeline --watch        # the watch flow, once: runs the pipeline unless `dvc status` is clean
 
 The flows run DVC; they never re-implement it. The stage order comes from DVC's own graph of dvc.yaml, each stage
 is one Prefect task running `dvc repro --single-item <stage>` with DVC's output in the task log, a stage DVC finds up
@@ -10,10 +10,12 @@ never cached by Prefect: DVC alone decides what is stale.
 
 Only one pipeline run at a time: the flow holds paths.pipeline_lock while DVC runs. A second run waits
 watch.lock_timeout_s seconds for it, then ends as `Skipped` with a log line saying why, so it never meets DVC's lock.
-The watch flow compares a content hash of data/raw with the one recorded after the last successful run
-(paths.watch_state) and runs the pipeline only when they differ. The state is written to a temporary file and
-renamed into place, so a kill or a full disk while writing it leaves the previous state; a state file that cannot be
-read anyway is reported and treated as absent (the pipeline runs, and DVC skips what is up to date).
+The watch flow asks DVC what is stale (`dvc status --json`) and runs the pipeline unless DVC says every stage is up
+to date, so a run that failed (DVC removed the failed stage's outputs) is rerun once the data is fixed. The content
+hashes of data/raw recorded after the last successful run (paths.watch_state) only say what changed since: new,
+removed and changed files, in the flow's log and in its run name. The state is written to a
+temporary file and renamed into place, so a kill or a full disk while writing it leaves the previous state; a state
+file that cannot be read anyway is reported and treated as absent.
 """
 
 from __future__ import annotations
@@ -136,44 +138,123 @@ def pipeline_flow(root: str = ".", lock_timeout_s: float | None = None):
 
 
 def raw_fingerprint(raw_dir: Path) -> dict:
-    """Content hash of every non-hidden file under the raw folder (names and bytes)."""
+    """Content hash of every non-hidden file under the raw folder: one over names and bytes, and one per file."""
     digest = hashlib.sha256()
+    hashes = {}
     files = sorted(p for p in raw_dir.rglob("*") if p.is_file() and not any(s.startswith(".") for s in
                                                                              p.relative_to(raw_dir).parts))
     for path in files:
-        digest.update(path.relative_to(raw_dir).as_posix().encode() + b"\0")
+        name = path.relative_to(raw_dir).as_posix()
+        file_digest = hashlib.sha256()
+        digest.update(name.encode() + b"\0")
         with path.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
+                file_digest.update(block)
         digest.update(b"\0")
-    return {"sha256": digest.hexdigest(), "files": len(files)}
+        hashes[name] = file_digest.hexdigest()
+    return {"sha256": digest.hexdigest(), "files": len(files), "hashes": hashes}
+
+
+def raw_changes(previous: dict | None, current: dict) -> dict[str, list[str]]:
+    """{"new", "removed", "changed": [file names]} between two fingerprints (everything is new without a previous)."""
+    before = (previous or {}).get("hashes")
+    if before is None and previous and previous.get("sha256") == current["sha256"]:
+        before = current["hashes"]  # a state written before per-file hashes were recorded, same content
+    before = before or {}
+    after = current["hashes"]
+    return {"new": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+            "changed": sorted(n for n in set(after) & set(before) if after[n] != before[n])}
+
+
+def describe_changes(changes: dict[str, list[str]], limit: int = 3) -> str:
+    if not any(changes.values()):
+        return "no new or changed annotations"
+    return ", ".join(f"{len(names)} {kind} ({', '.join(names[:limit])}{', ...' if len(names) > limit else ''})"
+                     for kind, names in changes.items() if names)
+
+
+class DvcStatusFailed(RuntimeError):
+    """`dvc status` exited non-zero; the message carries its output."""
+
+
+def dvc_status(root: Path) -> dict:
+    """`dvc status --json`: {stage: [changes]} for each stage DVC would run again; {} when all are up to date."""
+    command = [sys.executable, "-m", "dvc", "status", "--json"]
+    result = subprocess.run(command, cwd=root, env=dvc_env(), capture_output=True, text=True, errors="replace")
+    if result.returncode != 0:
+        raise DvcStatusFailed(f"`dvc status` failed in {root} (exit {result.returncode}):\n"
+                              + (result.stderr or result.stdout).strip()[-2000:])
+    return json.loads(result.stdout or "{}")
+
+
+def describe_stale(status: dict, limit: int = 3) -> list[str]:
+    """One line per stale stage, outputs first: "validate: outs deleted (data/interim/validated.parquet); ..."."""
+    lines = []
+    for stage, entries in status.items():
+        found: dict[str, list[str]] = {}
+        for entry in entries:
+            if isinstance(entry, str):  # "always changed", "changed checksum"
+                found.setdefault(entry, [])
+                continue
+            for kind, paths in entry.items():
+                for path, change in (paths.items() if isinstance(paths, dict) else [(paths, "")]):
+                    found.setdefault(f"{kind.removeprefix('changed ')} {change}".strip(), []).append(path)
+        parts = [f"{what} ({', '.join(paths[:limit])}{f', ... {len(paths)} in all' if len(paths) > limit else ''})"
+                 if paths else what for what, paths in sorted(found.items(), key=lambda kv: "outs" not in kv[0])]
+        lines.append(f"{stage}: {'; '.join(parts)}")
+    return lines
+
+
+def name_this_run(name: str) -> None:
+    """Rename the running flow run, so the list of runs says what each one saw."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, name=name[:200])
 
 
 @flow(name="watch-annotations", log_prints=True)
 def watch_flow(root: str = "."):
-    """Run the pipeline flow when data/raw changed since the last successful run; otherwise say so and stop."""
+    """Run the pipeline flow unless DVC says every stage is up to date; log what changed in data/raw since the last
+    successful run."""
     logger = get_run_logger()
     root_path = Path(root).resolve()
     params = project_params(root_path)
-    raw_dir = root_path / params.paths.raw_dir
+    raw = params.paths.raw_dir
     state_file = root_path / params.paths.watch_state
-    current = raw_fingerprint(raw_dir)
+    current = raw_fingerprint(root_path / raw)
     previous = read_state(state_file)
     if previous is None and state_file.exists():
-        logger.warning("%s cannot be read (not a JSON object); running the pipeline as if it were absent",
-                       state_file)
-    if previous and previous.get("sha256") == current["sha256"]:
-        message = (f"no new or changed annotations in {params.paths.raw_dir} since the last successful run "
-                   f"({previous.get('finished_at')}, {current['files']} files); nothing to do")
+        logger.warning("%s cannot be read (not a JSON object); taking it as absent", state_file)
+    changes = raw_changes(previous, current)
+    since = (f"since the last successful run ({previous.get('finished_at')}, {current['files']} files)" if previous
+             else f"({current['files']} files, no successful run recorded in {params.paths.watch_state})")
+    seen = f"{describe_changes(changes)} in {raw} {since}"
+    counts = ", ".join(f"{len(v)} {k}" for k, v in changes.items() if v) or "no change"
+    name_this_run(f"{raw}: {counts}")
+    logger.info(seen)
+    # DVC's own lock refuses `dvc status` while a stage runs: wait for the running pipeline like a second run does.
+    try:
+        lock = acquire(root_path / params.paths.pipeline_lock, params.watch.lock_timeout_s)
+    except PipelineBusy as busy:
+        logger.warning("%s: skipping this run, the running one will finish the work", busy)
+        return Completed(name=SKIPPED, message=str(busy), data={"ran": False, "reason": str(busy)})
+    try:
+        stale = dvc_status(root_path)
+    finally:
+        lock.release()
+    if not stale:
+        message = f"dvc status: data and pipelines are up to date; {seen}; nothing to do"
         logger.info(message)
         return Completed(name=SKIPPED, message=message, data={"ran": False, "reason": message})
-    logger.info("annotations changed in %s (%d files, sha256 %s...); running the pipeline",
-                params.paths.raw_dir, current["files"], current["sha256"][:12])
+    logger.info("dvc status: %d stage(s) to run again:\n  %s", len(stale), "\n  ".join(describe_stale(stale)))
     outcome = pipeline_flow(root=str(root_path))
     if isinstance(outcome, dict) and "skipped" in outcome:
         return Completed(name=SKIPPED, message=outcome["skipped"], data={"ran": False, "reason": outcome["skipped"]})
     write_json(state_file, {**current, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": outcome})
-    return {"ran": True, "stages": outcome}
+    return {"ran": True, "stages": outcome, "changes": changes, "stale": sorted(stale)}
 
 
 def read_state(state_file: Path) -> dict | None:

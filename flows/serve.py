@@ -10,14 +10,19 @@
                                        #   curl -X POST 127.0.0.1:5001/invocations -H 'Content-Type: application/json'
                                        #        -d '{"dataframe_records": [{"text": "Shares rose after the results"}]}'
 
-Trigger the deployment once by hand (while `make serve` runs):
+Every other `prefect` command needs the server's API in PREFECT_API_URL (without it, the CLI starts a temporary
+server of its own and finds nothing); `make serve` prints these with its port and this environment's CLI:
     PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run watch-annotations/watch-annotations
+    PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect flow-run ls
+watch.cron is read once, when `make serve` starts. Each service stops on Ctrl+C or SIGTERM (`kill <pid>`);
+`schedule` then stops its Prefect server too.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -89,8 +94,37 @@ def mlflow_ui_command(root: Path, port: int) -> list[str]:
             "--workers", "1"]
 
 
+def prefect_cli() -> str:
+    """This environment's Prefect CLI, as a shell word to paste: its script beside the interpreter, else `-m`."""
+    script = Path(sys.executable).parent / "prefect"
+    return shlex.quote(str(script)) if script.is_file() else f"{shlex.quote(sys.executable)} -m prefect"
+
+
+def banner(port: int, cron: str) -> str:
+    """What `make serve` prints: the UI, and commands that work when pasted into another shell."""
+    api = f"http://{HOST}:{port}/api"
+    cli = f"PREFECT_API_URL={api} {prefect_cli()}"
+    return "\n".join([
+        f"Prefect UI: http://{HOST}:{port}  deployment {DEPLOYMENT}/{DEPLOYMENT} on cron {cron!r} (watch.cron, read "
+        "once, at start: restart to change it)",
+        f"Other prefect commands need this server's API (or `export PREFECT_API_URL={api}` first):",
+        f"  {cli} deployment run {DEPLOYMENT}/{DEPLOYMENT}",
+        f"  {cli} deployment ls",
+        f"  {cli} flow-run ls",
+        f"  {cli} flow ls",
+        f"Stop with Ctrl+C (or `kill {os.getpid()}`): the deployment and the server stop together.",
+    ])
+
+
+def _exit_on_sigterm(signum, frame):
+    sys.exit(0)  # unwinds through schedule()'s `finally`, which stops the server
+
+
 def schedule(root: Path, port: int) -> int:
     """Start the Prefect server, then serve the watch flow's deployment until interrupted."""
+    # Python's default SIGTERM ends the process at once and leaves the server running; Prefect's runner installs
+    # the same exit once it serves.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     env = quiet_env(root)
     api = f"http://{HOST}:{port}/api"
     server = subprocess.Popen(prefect_server_command(port), cwd=root, env=env)
@@ -101,9 +135,9 @@ def schedule(root: Path, port: int) -> int:
         from prefect import serve
 
         watch = deployment(root)
-        cron = watch.schedules[0].schedule.cron
-        print(f"Prefect UI: http://{HOST}:{port}  deployment {DEPLOYMENT}/{DEPLOYMENT}, cron {cron!r}")
-        serve(watch)
+        print(banner(port, watch.schedules[0].schedule.cron), flush=True)
+        # Prefect's own starting message gives `prefect deployment run` without PREFECT_API_URL: the banner says it.
+        serve(watch, print_starting_message=False)
     finally:
         server.send_signal(signal.SIGINT)
         try:
