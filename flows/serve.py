@@ -2,7 +2,8 @@
 
     python -m flows.serve schedule     # `make serve`: a local Prefect server (SQLite under .prefect/) and a deployment
                                        #   of the watch flow on the cron of params.yaml watch.cron; UI on :4200
-    python -m flows.serve mlflow-ui    # `make ui`: the MLflow UI over the project's store, on :5000
+    python -m flows.serve mlflow-ui    # `make ui`: the MLflow UI over the project's store, on :5000, one worker
+                                       #   (--workers N, --jobs for MLflow's job runner: make ui UI_WORKERS=4 UI_JOBS=1)
     python -m flows.serve model        # `make serve-model`: the champion model's REST API, on :5001
                                        #   curl -X POST 127.0.0.1:5001/invocations -H 'Content-Type: application/json'
                                        #        -d '{"dataframe_records": [{"text": "Shares rose after the results"}]}'
@@ -87,24 +88,36 @@ def schedule(root: Path, port: int) -> int:
     return 0
 
 
-def mlflow_ui(root: Path, port: int) -> int:
+def mlflow_ui(root: Path, port: int, workers: int = 1, jobs: bool = False) -> int:
+    """Replace this process with the MLflow UI over the project's store (made to follow the project first).
+
+    MLflow's defaults start 4 uvicorn workers and a job runner with 7 huey consumers (16 processes, about 3.1 GB);
+    the jobs run GenAI scorers and trace roll-ups, which this project does not log. One user needs one worker.
+    """
     from sft_pipeline.params import load
-    from sft_pipeline.tracking import tracking_uri
+    from sft_pipeline.tracking import experiment_id, tracking_uri
 
     params = load(root / "params.yaml")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(params.paths),
+    experiment = experiment_id(params.paths, params.mlflow, root)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(params.paths, root),
                "--default-artifact-root", (root / params.paths.mlflow_artifacts).resolve().as_uri(),
-               "--host", HOST, "--port", str(port)]
-    print(f"MLflow UI: http://{HOST}:{port}")
-    return subprocess.call(command, cwd=root, env=quiet_env(root))
+               "--host", HOST, "--port", str(port), "--workers", str(workers)]
+    env = {**quiet_env(root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(jobs).lower()}
+    # The UI starts in its GenAI view unless the address asks for the machine-learning one (runs, registry).
+    print(f"MLflow UI: http://{HOST}:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning "
+          f"(experiment {params.mlflow.experiment}; {workers} worker{'s' * (workers > 1)}, "
+          f"{'with' if jobs else 'no'} job runner)", flush=True)
+    os.chdir(root)
+    os.execve(sys.executable, command, env)
 
 
 def serve_model(root: Path, port: int, alias: str) -> int:
     from sft_pipeline.params import load
-    from sft_pipeline.tracking import tracking_uri
+    from sft_pipeline.tracking import follow_project, tracking_uri
 
     params = load(root / "params.yaml")
-    env = {**quiet_env(root), "MLFLOW_TRACKING_URI": tracking_uri(params.paths)}
+    follow_project(params.paths, root)
+    env = {**quiet_env(root), "MLFLOW_TRACKING_URI": tracking_uri(params.paths, root)}
     uri = f"models:/{params.mlflow.registered_model}@{alias}"
     print(f"Serving {uri} on http://{HOST}:{port}/invocations")
     return subprocess.call([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
@@ -117,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("."), help="project root")
     parser.add_argument("--port", type=int, help="port (defaults: schedule 4200, mlflow-ui 5000, model 5001)")
     parser.add_argument("--alias", default="champion", help="registry alias to serve (model)")
+    parser.add_argument("--workers", type=int, default=1, help="server processes of the MLflow UI (mlflow-ui)")
+    parser.add_argument("--jobs", action="store_true", help="start MLflow's job runner too (mlflow-ui)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     if args.service == "schedule":
         return schedule(root, args.port or 4200)
     if args.service == "mlflow-ui":
-        return mlflow_ui(root, args.port or 5000)
+        return mlflow_ui(root, args.port or 5000, args.workers, args.jobs)
     return serve_model(root, args.port or 5001, args.alias)
 
 
