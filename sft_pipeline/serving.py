@@ -8,8 +8,9 @@
     # 1          sport  0.99...
 
 The model folder (artifact `model_dir`) is the train stage's output: full weights, or for lora and prompt_tuning an
-adapter that is loaded onto its base model (`base_model` in artifact `serving_config`: a hub id, or the folder it was trained
-from; it must be reachable where the model is served, or serve a merged copy made by `python -m sft_pipeline.merge`).
+adapter that is loaded onto its base model (`base_model` in artifact `serving_config`: a hub id, or the folder it was
+trained from; it must be reachable where the model is served, or serve a merged copy made by `python -m
+sft_pipeline.merge`).
 What the model takes and answers is the task's (`Task.predict`); a classifier takes a list of strings, a Series or a
 one-column DataFrame (over REST: {"inputs": ["text", ...]} or {"dataframe_records": [{"text": "..."}]}), cleans the
 texts as the training data was cleaned, and answers a DataFrame with `label` and `score`.

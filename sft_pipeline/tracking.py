@@ -74,6 +74,9 @@ def follow_project(paths: Paths, root: Path = Path(".")) -> tuple[str, str] | No
         tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "experiments" not in tables:
             return None  # not initialised by MLflow yet
+        if ROOT_TABLE in tables and con.execute(f"SELECT value FROM {ROOT_TABLE} WHERE key = 'root'").fetchone() \
+                == (str(new),):
+            return None  # the usual case, read without taking the write lock
         con.execute("BEGIN IMMEDIATE")  # no other writer between reading the root and moving it
         con.execute(f"CREATE TABLE IF NOT EXISTS {ROOT_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         found = con.execute(f"SELECT value FROM {ROOT_TABLE} WHERE key = 'root'").fetchone()
@@ -95,8 +98,8 @@ def follow_project(paths: Paths, root: Path = Path(".")) -> tuple[str, str] | No
         con.close()
     if not moved:
         return None
-    print(f"mlflow: the store {db.resolve()} was made in {old}; {changes} artifact locations of its experiments, runs, models "
-          f"and versions now point under {new}")
+    print(f"mlflow: the store {db.resolve()} was made in {old}; {changes} artifact locations of its experiments, "
+          f"runs, models and versions now point under {new}")
     return str(old), str(new)
 
 
