@@ -66,8 +66,10 @@ bench: $(STAMP)
 serve: $(STAMP)        ## Prefect server + the watch flow's deployment on the cron of params.yaml (UI :4200)
 	$(BIN)/python -m flows.serve schedule
 
-ui: $(STAMP)           ## MLflow UI over mlflow.db (:5000)
-	$(BIN)/python -m flows.serve mlflow-ui
+UI_WORKERS ?= 1
+UI_JOBS ?=
+ui: $(STAMP)           ## MLflow UI over mlflow.db (:5000), one worker and no job runner (UI_WORKERS=4 UI_JOBS=1 for more)
+	$(BIN)/python -m flows.serve mlflow-ui --workers $(UI_WORKERS) $(if $(UI_JOBS),--jobs)
 
 serve-model: $(STAMP)  ## REST API of the registered champion, reloaded when the alias moves (:5001)
 	$(BIN)/python -m flows.serve model

@@ -2,7 +2,8 @@
 
     python -m flows.serve schedule     # `make serve`: a local Prefect server (SQLite under .prefect/) and a deployment
                                        #   of the watch flow on the cron of params.yaml watch.cron; UI on :4200
-    python -m flows.serve mlflow-ui    # `make ui`: the MLflow UI over the project's store, on :5000
+    python -m flows.serve mlflow-ui    # `make ui`: the MLflow UI over the project's store, on :5000, one worker
+                                       #   (--workers N, --jobs for MLflow's job runner: make ui UI_WORKERS=4 UI_JOBS=1)
     python -m flows.serve model        # `make serve-model`: the champion model's REST API, on :5001; it reads
                                        #   params.yaml at start, asks the registry every serve.model_poll_s seconds
                                        #   where `champion` points and switches to a new champion once it has
@@ -82,16 +83,15 @@ def prefect_server_command(port: int) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
 
 
-def mlflow_ui_command(root: Path, port: int) -> list[str]:
+def mlflow_ui_command(root: Path, port: int, workers: int = 1) -> list[str]:
+    """`mlflow ui` over the project's store; one user on loopback needs one worker (MLflow's default is 4)."""
     from sft_pipeline.params import load
     from sft_pipeline.tracking import tracking_uri
 
     params = load(root / "params.yaml")
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(params.paths),
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(params.paths, root),
             "--default-artifact-root", (root / params.paths.mlflow_artifacts).resolve().as_uri(),
-            "--host", HOST, "--port", str(port),
-            # One user on loopback: mlflow's default of 4 workers would import mlflow 4 times before answering.
-            "--workers", "1"]
+            "--host", HOST, "--port", str(port), "--workers", str(workers)]
 
 
 def prefect_cli() -> str:
@@ -147,10 +147,25 @@ def schedule(root: Path, port: int) -> int:
     return 0
 
 
-def mlflow_ui(root: Path, port: int) -> int:
-    command = mlflow_ui_command(root, port)
-    print(f"MLflow UI: http://{HOST}:{port}")
-    return subprocess.call(command, cwd=root, env=quiet_env(root))
+def mlflow_ui(root: Path, port: int, workers: int = 1, jobs: bool = False) -> int:
+    """Replace this process with the MLflow UI over the project's store (made to follow the project first).
+
+    MLflow's defaults start 4 uvicorn workers and a job runner with 7 huey consumers (16 processes, about 3.1 GB);
+    the jobs run GenAI scorers and trace roll-ups, which this project does not log. One user needs one worker.
+    """
+    from sft_pipeline.params import load
+    from sft_pipeline.tracking import experiment_id
+
+    params = load(root / "params.yaml")
+    experiment = experiment_id(params.paths, params.mlflow, root)
+    command = mlflow_ui_command(root, port, workers)
+    env = {**quiet_env(root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(jobs).lower()}
+    # The UI starts in its GenAI view unless the address asks for the machine-learning one (runs, registry).
+    print(f"MLflow UI: http://{HOST}:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning "
+          f"(experiment {params.mlflow.experiment}; {workers} worker{'s' * (workers > 1)}, "
+          f"{'with' if jobs else 'no'} job runner)", flush=True)
+    os.chdir(root)
+    os.execve(sys.executable, command, env)
 
 
 def serve_model(root: Path, port: int, alias: str) -> int:
@@ -158,9 +173,10 @@ def serve_model(root: Path, port: int, alias: str) -> int:
     os.environ.update({k: v for k, v in quiet_env(root).items() if k in ("DO_NOT_TRACK", "MLFLOW_ENABLE_TELEMETRY")})
     from sft_pipeline.model_server import serve
     from sft_pipeline.params import load
-    from sft_pipeline.tracking import use_store
+    from sft_pipeline.tracking import follow_project, use_store
 
     params = load(root / "params.yaml")
+    follow_project(params.paths, root)
     use_store(params.paths)
     return serve(params.mlflow.registered_model, alias, params.serve.model_poll_s, HOST, port)
 
@@ -171,12 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("."), help="project root")
     parser.add_argument("--port", type=int, help="port (defaults: schedule 4200, mlflow-ui 5000, model 5001)")
     parser.add_argument("--alias", default="champion", help="registry alias to serve (model)")
+    parser.add_argument("--workers", type=int, default=1, help="server processes of the MLflow UI (mlflow-ui)")
+    parser.add_argument("--jobs", action="store_true", help="start MLflow's job runner too (mlflow-ui)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     if args.service == "schedule":
         return schedule(root, args.port or 4200)
     if args.service == "mlflow-ui":
-        return mlflow_ui(root, args.port or 5000)
+        return mlflow_ui(root, args.port or 5000, args.workers, args.jobs)
     return serve_model(root, args.port or 5001, args.alias)
 
 

@@ -8,7 +8,7 @@
     # 1          sport  0.99...
 
 The model folder (artifact `model_dir`) is the train stage's output: full weights, or for lora and prompt_tuning an
-adapter that is loaded onto its base model (`model_config["base_model"]`: a hub id, or the folder it was trained
+adapter that is loaded onto its base model (`base_model` in artifact `serving_config`: a hub id, or the folder it was trained
 from; it must be reachable where the model is served, or serve a merged copy made by `python -m sft_pipeline.merge`).
 What the model takes and answers is the task's (`Task.predict`); a classifier takes a str, a list of strings, a
 Series or a DataFrame with a `text` column (over REST: {"inputs": ["text", ...]} or {"dataframe_records":
@@ -22,6 +22,9 @@ sft_pipeline/model_server.py (`make serve-model`).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow
 from mlflow.pyfunc import PythonModel
 
@@ -31,7 +34,9 @@ class TrainedModel(PythonModel):
         from sft_pipeline import tasks
         from sft_pipeline.strategies import load_trained
 
-        self.config = dict(context.model_config or {})
+        # serving_config.json since the model's config left model_config (MLflow logs that as run params too).
+        config_file = context.artifacts.get("serving_config")
+        self.config = json.loads(Path(config_file).read_text()) if config_file else dict(context.model_config or {})
         self.model, self.tokenizer, info = load_trained(
             context.artifacts["model_dir"], base=self.config.get("base_model"),
             trust_remote_code=bool(self.config.get("trust_remote_code", False)))

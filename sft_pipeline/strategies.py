@@ -209,7 +209,7 @@ def resolve_base(info: dict, override: str | None = None) -> str:
 
 
 def serving_needs(info: dict) -> tuple[dict, list[str]]:
-    """(model_config entries, pip requirements) the served model needs beyond the task's: for an adapter, its base
+    """(serving config entries, pip requirements) the served model needs beyond the task's: for an adapter, its base
     model's location (a hub id, or the folder made absolute) and peft."""
     if info["strategy"] not in ADAPTERS:
         return {"strategy": info["strategy"]}, []

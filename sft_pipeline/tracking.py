@@ -7,14 +7,23 @@ registers the model, scores the `champion` version again on the same test rows, 
 `promotion_decision` on that paired comparison (a paired bootstrap gives its noise). No Trainer integration or
 autolog runs beside it.
 
-The store is SQLite at paths.mlflow_db, artifacts under paths.mlflow_artifacts; MLFLOW_TRACKING_URI overrides the store.
+The store is SQLite at paths.mlflow_db, artifacts under paths.mlflow_artifacts; MLFLOW_TRACKING_URI overrides the store
+(a server's experiments then keep their artifacts where the server puts them). MLflow stores every artifact location
+as an absolute path, so a store whose two paths are relative in params.yaml records the project root it was opened
+from; opened from another root (the project was moved or copied), its locations under the old root are rewritten to
+the new one before anything is logged (`follow_project`), so that a copy never writes into the original.
+
+    python -m sft_pipeline.tracking [--params params.yaml]   # do that now, e.g. before plain `mlflow` commands
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,12 +43,84 @@ os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def tracking_uri(paths: Paths) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(paths.mlflow_db).resolve()}"
+def tracking_uri(paths: Paths, root: Path = Path(".")) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / paths.mlflow_db).resolve()}"
 
 
-def use_store(paths: Paths) -> str:
-    """Point this process's MLflow client at the project's store; returns its URI.
+# Where MLflow 3's SQLite schema holds artifact locations (absolute file URIs or paths), with the rows to look at.
+LOCATIONS = (("experiments", "artifact_location", "1"), ("runs", "artifact_uri", "1"),
+             ("logged_models", "artifact_location", "1"), ("model_versions", "source", "1"),
+             ("model_versions", "storage_location", "1"), ("workspaces", "default_artifact_root", "1"),
+             ("workspaces", "trace_archival_location", "1"),
+             ("trace_tags", "value", "key = 'mlflow.artifactLocation'"))
+# Our one table in MLflow's database: the project root the store's locations were written for.
+ROOT_TABLE = "sft_pipeline_store"
+# The UI's view of an experiment: runs, models and the registry (MLflow 3 offers GenAI traces and evaluations first).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def follow_project(paths: Paths, root: Path = Path(".")) -> tuple[str, str] | None:
+    """Make the project's SQLite store follow the project; returns (old root, new root) when it moved.
+
+    Only a store whose params paths are both relative belongs to the project (absolute paths are the user's fixed
+    places) and only when MLFLOW_TRACKING_URI does not name another store. Every location under the recorded root is
+    rewritten under this one in one transaction. A store made before the root was recorded gives it away through its
+    experiments, whose artifact location ends in paths.mlflow_artifacts.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI") or Path(paths.mlflow_db).is_absolute() \
+            or Path(paths.mlflow_artifacts).is_absolute():
+        return None
+    db = root / paths.mlflow_db
+    if not db.is_file():
+        return None  # MLflow makes it; experiment_id records the root once the experiment exists
+    new = root.resolve()
+    con = sqlite3.connect(db, timeout=60, isolation_level=None)  # transactions written out below
+    try:
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "experiments" not in tables:
+            return None  # not initialised by MLflow yet
+        if ROOT_TABLE in tables and con.execute(f"SELECT value FROM {ROOT_TABLE} WHERE key = 'root'").fetchone() \
+                == (str(new),):
+            return None  # the usual case, read without taking the write lock
+        con.execute("BEGIN IMMEDIATE")  # no other writer between reading the root and moving it
+        con.execute(f"CREATE TABLE IF NOT EXISTS {ROOT_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        found = con.execute(f"SELECT value FROM {ROOT_TABLE} WHERE key = 'root'").fetchone()
+        old = Path(found[0]) if found else _root_of_old_store(con, Path(paths.mlflow_artifacts))
+        moved = old is not None and old != new
+        changes = con.total_changes
+        if moved:
+            for table, column, where in LOCATIONS:
+                if table in tables and column in {row[1] for row in con.execute(f"PRAGMA table_info({table})")}:
+                    for before, after in ((old.as_uri(), new.as_uri()), (str(old), str(new))):
+                        con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE ({where}) AND "
+                                    f"({column} = ? OR substr({column}, 1, ?) = ?)",
+                                    (after, len(before) + 1, before, len(before) + 1, before + "/"))
+        changes = con.total_changes - changes
+        if moved or found is None:
+            con.execute(f"INSERT OR REPLACE INTO {ROOT_TABLE} (key, value) VALUES ('root', ?)", (str(new),))
+        con.execute("COMMIT")
+    finally:
+        con.close()
+    if not moved:
+        return None
+    print(f"mlflow: the store {db.resolve()} was made in {old}; {changes} artifact locations of its experiments, "
+          f"runs, models and versions now point under {new}")
+    return str(old), str(new)
+
+
+def _root_of_old_store(con: sqlite3.Connection, artifacts: Path) -> Path | None:
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    suffix = "/" + artifacts.as_posix().strip("/")
+    for (location,) in con.execute("SELECT artifact_location FROM experiments ORDER BY experiment_id"):
+        path = local_file_uri_to_path(location or "")
+        if path.endswith(suffix):
+            return Path(path[:-len(suffix)])
+    return None
+
+
+def use_store(paths: Paths, root: Path = Path(".")) -> str:
+    """Point this process's MLflow client at the project's store (made to follow the project); returns its URI.
 
     mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI to os.environ, where it would outlive this project: a
     later call for another project (tests, flows) and every child process would take it for the user's choice. The
@@ -47,7 +128,12 @@ def use_store(paths: Paths) -> str:
     """
     import mlflow
 
-    uri = tracking_uri(paths)
+    moved = follow_project(paths, root)
+    uri = tracking_uri(paths, root)
+    if moved or mlflow.get_tracking_uri() != uri:
+        # MLflow keeps each run's artifact repository for the life of the process, keyed by run id alone: after a
+        # move, or in another copy of the store (same run ids), it would still write to the other folder.
+        getattr(sys.modules.get("mlflow.tracking._tracking_service.utils"), "_artifact_repos_cache", {}).clear()
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     if before is None:
@@ -57,17 +143,27 @@ def use_store(paths: Paths) -> str:
     return uri
 
 
-def experiment_id(paths: Paths, settings: Mlflow) -> str:
-    """Point MLflow at the project's store and return the experiment's id, creating it with local artifacts."""
+def experiment_id(paths: Paths, settings: Mlflow, root: Path = Path(".")) -> str:
+    """Point MLflow at the project's store and return the experiment's id, creating it (artifacts under the project,
+    or where a tracking server puts them) and giving it the UI's machine-learning view."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
-    use_store(paths)
+    use_store(paths, root)
     found = mlflow.get_experiment_by_name(settings.experiment)
-    if found is not None:
-        return found.experiment_id
-    artifacts = Path(paths.mlflow_artifacts).resolve()
-    artifacts.mkdir(parents=True, exist_ok=True)
-    return mlflow.create_experiment(settings.experiment, artifact_location=artifacts.as_uri())
+    if found is None:
+        location = None
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            artifacts = (root / paths.mlflow_artifacts).resolve()
+            artifacts.mkdir(parents=True, exist_ok=True)
+            location = artifacts.as_uri()
+        created = mlflow.create_experiment(settings.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+        follow_project(paths, root)  # records the root of a store made just now
+        return created
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in found.tags:  # an experiment made before, unless the user chose its kind
+            MlflowClient().set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 # Mappings whose keys are users' data (label names, role names): one param holding JSON, since a key of theirs may
@@ -459,3 +555,21 @@ def registered_version_of(run_id: str, settings: Mlflow) -> str | None:
     versions = MlflowClient().search_model_versions(f"name='{settings.registered_model}' and run_id='{run_id}'")
     found = max((int(v.version) for v in versions), default=None)
     return None if found is None else str(found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sft_pipeline.params import load
+
+    parser = argparse.ArgumentParser(description="Make the project's MLflow store follow the project (moved or "
+                                                 "copied) and give its experiment the UI's machine-learning view.")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    params = load(args.params)
+    root = args.params.resolve().parent
+    print(f"mlflow: experiment {params.mlflow.experiment} is {experiment_id(params.paths, params.mlflow, root)} in "
+          f"{tracking_uri(params.paths, root)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,8 +36,10 @@ run's own version (evaluate ran again without a new training), nothing is scored
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,17 +66,21 @@ def log_model(params: Params, task, info: dict):
               **serving}
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
                     f"mlflow=={mlflow.__version__}", "pandas", "pydantic", "pyyaml", *extra_requirements]
-    model_info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(package / "serving.py"),
-        artifacts={"model_dir": str(params.paths.model_dir)},
-        code_paths=[str(package)],  # the sft_pipeline package: the task's predict, cleaning, the loader
-        model_config=config,
-        signature=task.signature(),
-        # Listed, not inferred: inference would load the model once more in a subprocess.
-        pip_requirements=requirements,
-        registered_model_name=params.mlflow.registered_model,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        # A file in the model rather than model_config, which MLflow would also log as run params: `batch_size`,
+        # `max_length` unprefixed beside params.yaml's own `evaluate.batch_size`, `tokenize.max_length`.
+        config_file = Path(tmp) / "serving_config.json"
+        config_file.write_text(json.dumps(config, indent=2))
+        model_info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(package / "serving.py"),
+            artifacts={"model_dir": str(params.paths.model_dir), "serving_config": str(config_file)},
+            code_paths=[str(package)],  # the sft_pipeline package: the task's predict, cleaning, the loader
+            signature=task.signature(),
+            # Listed, not inferred: inference would load the model once more in a subprocess.
+            pip_requirements=requirements,
+            registered_model_name=params.mlflow.registered_model,
+        )
     return str(model_info.registered_model_version)
 
 
@@ -151,8 +157,6 @@ def judge(params: Params, task, evaluation, rows: pd.DataFrame, meta: dict, vers
 def record(params: Params, task, info: dict, evaluation, rows: pd.DataFrame, meta: dict,
            device: str = "cpu") -> dict:
     """Complete the training's MLflow run: test metrics, reports, figures, model, registry decision."""
-    import tempfile
-
     import mlflow
 
     from sft_pipeline import tracking
