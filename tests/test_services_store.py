@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import sqlite3
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from sft_pipeline.tracking import (CHAMPION, EXPERIMENT_KIND, LOCATIONS, ROOT_TA
                                    follow_project, use_store)
 from stages import evaluate, split, tokenize, train
 from tests.conftest import project_params, synthetic_rows, write_params
-from tests.test_tracking import free_port, start, stop
+from tests.test_tracking import free_port, serve, stop
 
 
 def relative_project(root: Path, model: Path) -> None:
@@ -222,8 +221,7 @@ def test_the_ui_of_a_moved_project_is_one_small_server_over_its_own_artifacts(or
     open_store(tmp_path / "gone")
     shutil.move(tmp_path / "gone", moved)
     port = free_port()
-    server = start([sys.executable, "-m", "flows.serve", "mlflow-ui", "--root", str(moved), "--port", str(port)],
-                   f"http://127.0.0.1:{port}/health")
+    server = serve(moved, "mlflow-ui", port, "/health")
     base = f"http://127.0.0.1:{port}"
     try:
         tree = process_tree(server.pid)

@@ -1,7 +1,6 @@
 """The watch flow decides from `dvc status` (a failed run is rerun once the data is fixed), and the Prefect CLI lists
 what `make serve`'s own server holds, with the commands its banner prints."""
 
-import json
 import os
 import queue
 import re
@@ -14,7 +13,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
