@@ -211,6 +211,8 @@ def name_this_run(name: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
+    if flow_run.id is None:  # the flow's function called directly, outside a flow run: nothing to rename
+        return
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run.id, name=name[:200])
 

@@ -386,9 +386,20 @@ def test_a_failed_write_of_the_watch_state_leaves_the_previous_state(tmp_path, m
     params = parse(raw)
     state_file = params.paths.watch_state
     write_csv(params.paths.raw_dir / "a.csv", synthetic_rows(3))
-    runs = []
+    runs, ran_on = [], {}
+
+    def pipeline(root):  # stands in for dvc repro: afterwards, DVC finds the raw folder up to date
+        runs.append(root)
+        ran_on["sha256"] = flows_pipeline.raw_fingerprint(params.paths.raw_dir)["sha256"]
+        return {"clean": "ran"}
+
+    def dvc_status(root):  # what `dvc status` says: clean is stale while data/raw differs from the last repro
+        up_to_date = ran_on.get("sha256") == flows_pipeline.raw_fingerprint(params.paths.raw_dir)["sha256"]
+        return {} if up_to_date else {"clean": [{"changed deps": {"data/raw": "modified"}}]}
+
     monkeypatch.setattr(flows_pipeline, "get_run_logger", lambda: logging.getLogger("test-watch"))
-    monkeypatch.setattr(flows_pipeline, "pipeline_flow", lambda root: runs.append(root) or {"clean": "ran"})
+    monkeypatch.setattr(flows_pipeline, "pipeline_flow", pipeline)
+    monkeypatch.setattr(flows_pipeline, "dvc_status", dvc_status)
     watch = flows_pipeline.watch_flow.fn
 
     assert watch(root=str(tmp_path))["ran"] is True
@@ -411,11 +422,19 @@ def test_a_failed_write_of_the_watch_state_leaves_the_previous_state(tmp_path, m
     assert state_file.read_text() == recorded  # the previous state, whole
     assert sorted(p.name for p in state_file.parent.iterdir() if "watch" in p.name) == [state_file.name]
 
-    assert watch(root=str(tmp_path))["ran"] is True and len(runs) == 3  # b.csv is still new to the watch
+    # DVC ran for b.csv, so the next watch skips; the state it kept still says what is new since then.
+    skipped = watch(root=str(tmp_path))
+    assert skipped.name == flows_pipeline.SKIPPED and len(runs) == 2 and "1 new (b.csv)" in skipped.message
+
+    write_csv(params.paths.raw_dir / "c.csv", synthetic_rows(2, seed=5, prefix="c"))
+    assert watch(root=str(tmp_path))["ran"] is True and len(runs) == 3
     assert json.loads(state_file.read_text())["sha256"] == flows_pipeline.raw_fingerprint(
         params.paths.raw_dir)["sha256"]
 
-    # A state file cut short before writes were atomic: read as absent (reported), the pipeline runs, it is replaced.
+    # A state file cut short before writes were atomic: read as absent (reported), not a crash; a run replaces it.
     state_file.write_text('{"sha256": "3f2a')
+    skipped = watch(root=str(tmp_path))
+    assert skipped.name == flows_pipeline.SKIPPED and "3 new (a.csv, b.csv, c.csv)" in skipped.message
+    write_csv(params.paths.raw_dir / "d.csv", synthetic_rows(2, seed=6, prefix="d"))
     assert watch(root=str(tmp_path))["ran"] is True and len(runs) == 4
-    assert json.loads(state_file.read_text())["files"] == 2
+    assert json.loads(state_file.read_text())["files"] == 4
