@@ -94,7 +94,7 @@ def test_tokenize_main_writes_arrow_labels_and_report(tmp_path, tiny_bert):
 @pytest.mark.parametrize("model_fixture", ["tiny_bert", "tiny_gpt2"])
 def test_train_and_evaluate_main(tmp_path, request, model_fixture):
     model_dir = request.getfixturevalue(model_fixture)
-    params, params_file = prepared_project(tmp_path, model_dir, train__epochs=4)
+    params, params_file = prepared_project(tmp_path, model_dir, train__epochs=6)
     assert tokenize.main(["--params", str(params_file)]) == 0
     assert train.main(["--params", str(params_file)]) == 0
 
@@ -108,7 +108,7 @@ def test_train_and_evaluate_main(tmp_path, request, model_fixture):
     steps = pd.read_csv(params.paths.train_history)
     epochs = pd.read_csv(params.paths.eval_history)
     assert steps["step"].is_monotonic_increasing and steps["loss"].notna().all()
-    assert epochs["epoch"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert epochs["epoch"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     report = json.loads(params.paths.train_report.read_text())
     assert report["best_validation_macro_f1"] == pytest.approx(epochs["eval_macro_f1"].max(), abs=1e-4)
     assert steps["loss"].tail(3).mean() < steps["loss"].head(3).mean()
