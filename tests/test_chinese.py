@@ -109,7 +109,8 @@ def test_a_tiny_e5s1_file_converts_to_a_bert_folder_with_every_weight_in_its_pla
     expected = {k for k in BertModel(BertConfig(**e5s1.bert_config(model))).state_dict() if "pooler" not in k}
     assert set(state) == expected
     mapping = {"emb.word": "embeddings.word_embeddings.weight", "emb.type": "embeddings.token_type_embeddings.weight",
-               "l0.q.w": "encoder.layer.0.attention.self.query.weight", "l0.k.b": "encoder.layer.0.attention.self.key.bias",
+               "l0.q.w": "encoder.layer.0.attention.self.query.weight",
+               "l0.k.b": "encoder.layer.0.attention.self.key.bias",
                "l0.v.w": "encoder.layer.0.attention.self.value.weight",
                "l0.ao.w": "encoder.layer.0.attention.output.dense.weight",
                "l0.aln.w": "encoder.layer.0.attention.output.LayerNorm.weight",
