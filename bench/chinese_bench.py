@@ -42,6 +42,8 @@ CANDIDATES = {
     "e5-lora": ("multilingual-e5-small", {}),
     "e5-full": ("multilingual-e5-small", {"strategy": "full", "learning_rate": 5e-5}),
     "e5-freeze-top2": ("multilingual-e5-small", {"strategy": "freeze", "freeze": {"trainable_layers": 2}}),
+    "e5-freeze-top2-8ep": ("multilingual-e5-small", {"strategy": "freeze", "freeze": {"trainable_layers": 2},
+                                                     "epochs": 8}),
     "e5-freeze": ("multilingual-e5-small", {"strategy": "freeze", "learning_rate": 1e-2}),
     "smollm2-lora": ("SmolLM2-135M-Instruct", {"epochs": 1}),
 }
