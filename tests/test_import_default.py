@@ -189,11 +189,13 @@ def test_params_yaml_is_one_of_the_examples_byte_for_byte():
     # DVC reads params.yaml only; the examples are what `--example` copies over it. A change to params.yaml that is
     # not made in its example too (or the other way round) fails here. The project ships classification.
     examples = {p.name: p.read_bytes() for p in sorted((ROOT / "examples").glob("*.yaml"))}
-    assert sorted(examples) == ["classification.yaml", "instruction.yaml"]
+    assert sorted(examples) == ["chinese.yaml", "classification.yaml", "instruction.yaml"]
     assert (ROOT / "params.yaml").read_bytes() in examples.values()
-    classification, instruction = (yaml.safe_load(examples[f"{n}.yaml"]) for n in ("classification", "instruction"))
-    assert classification["paths"] == instruction["paths"]  # one paths section for every task: dvc.yaml's
-    assert parse(classification).task.type == "classification"
+    classification, instruction, chinese = (yaml.safe_load(examples[f"{n}.yaml"])
+                                            for n in ("classification", "instruction", "chinese"))
+    # one paths section for every task: dvc.yaml's
+    assert classification["paths"] == instruction["paths"] == chinese["paths"]
+    assert parse(classification).task.type == parse(chinese).task.type == "classification"
     from sft_pipeline import tasks
 
     if "instruction" in tasks.TASKS:
