@@ -283,8 +283,13 @@ def test_the_mlflow_run_holds_metric_points_while_training_runs(tmp_path, tiny_b
     assert seen["val"] == 1  # the first epoch's validation
     client = MlflowClient(uri)
     assert len(client.get_metric_history(run_id, "train_loss")) == seen["step"] + 2
-    # Every point in the run came through the callback, each once.
-    points = sum(len(client.get_metric_history(run_id, key)) for key in client.get_run(run_id).data.metrics)
+    # Every point of training in the run came through the callback, each once (the data_* metrics, the tokenizer's
+    # coverage of each split, are logged when the run opens).
+    metrics = client.get_run(run_id).data.metrics
+    assert {k for k in metrics if k.startswith("data_")} == {
+        f"data_{name}_{split}" for name in ("unknown_token_fraction", "mostly_unknown_text_fraction",
+                                            "tokens_per_character") for split in ("train", "validation", "test")}
+    points = sum(len(client.get_metric_history(run_id, key)) for key in metrics if not key.startswith("data_"))
     assert live.logged == points
 
 
