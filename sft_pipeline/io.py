@@ -87,9 +87,17 @@ def read_json(path: Path) -> Any:
         return json.load(fh)
 
 
-def run_main(run: Callable[[], Any]) -> int:
-    """Run a stage body: user-facing errors become one clear message on stderr and exit status 1."""
+def run_main(run: Callable[[], Any], stage: str = "", outputs: Callable[[], Any] = tuple) -> int:
+    """Run a stage body: user-facing errors become one clear message on stderr and exit status 1.
+
+    A failure for lack of disk space (sft_pipeline.faults.no_space) is named in one line, with the free space of
+    the stage's `outputs()` and what to do, before its traceback and again after it, so neither the first nor the
+    last line of a long log blames something else (a torch zip writer, SQLite).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    import traceback
+
+    from sft_pipeline import faults
     from sft_pipeline.params import ParamsError
 
     try:
@@ -97,16 +105,40 @@ def run_main(run: Callable[[], Any]) -> int:
     except (StageError, ParamsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if not faults.no_space(exc):
+            raise
+        try:
+            line = faults.space_message(stage, list(outputs()), exc)
+        except Exception:  # noqa: BLE001 - the message must not replace the error it reports
+            line = f"error: {stage or 'stage'}: no space left on the device; the original error follows"
+        print(line, file=sys.stderr, flush=True)
+        traceback.print_exc()
+        print(line.removesuffix("; the original error follows").removesuffix(
+            f". The original error ({type(exc).__name__}) follows"), file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
 def stage_main(argv: list[str] | None, doc: str, call: Callable[[Any], Any]) -> int:
     """The `main` of every stage: parse `--params`, load it, `call(params)`, map user errors to exit status 1."""
     import argparse
+    import re
 
     from sft_pipeline.params import add_params_argument, load
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     add_params_argument(parser)
     args = parser.parse_args(argv)
-    return run_main(lambda: call(load(args.params)))
+    stage = re.match(r"Stage `(\w+)`", doc)
+    loaded = []
+
+    def body():
+        loaded.append(load(args.params))
+        call(loaded[0])
+
+    def outputs():
+        # Where the stage writes: every path of params.paths (the folders the message compares), once loaded.
+        return [p for p in loaded[0].paths.model_dump().values() if p is not None] if loaded else [Path(".")]
+
+    return run_main(body, stage.group(1) if stage else "", outputs)

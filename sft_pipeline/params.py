@@ -219,6 +219,10 @@ class Train(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     # Mid-epoch checkpoint interval in optimizer steps, so a killed run loses at most this many steps.
     save_every_steps: int = Field(50, ge=1)
+    # On SIGTERM or SIGINT train saves a checkpoint at the end of the current step and exits (143, 130); a step and
+    # save that take longer than this are cut short, as by kill -9. Keep it under the grace period of whatever sends
+    # the signal (Kubernetes and Prefect's process worker: 30 s). Not part of the checkpoints' fingerprint.
+    stop_grace_s: float = Field(25, gt=0)
     # Batches of similar lengths waste less compute on padding.
     group_by_length: bool = True
     log_every_steps: int = Field(1, ge=1)

@@ -315,37 +315,140 @@ def history_metrics(entry: dict, step: int, timestamp_ms: int) -> list:
     return out
 
 
-def live_metrics(run_id: str):
+def live_metrics(run_id: str, client=None, retries: int = 3, backoff_s: float = 1.0):
     """A Trainer callback that logs every log entry into the MLflow run at once; `.logged` counts the points.
 
-    Points are sent in the background (MLflow's asynchronous logging), so a step never waits for the store; `flush`
-    waits for them all. After a resume the steps between the last checkpoint and the kill are trained, and logged, a
-    second time: the run then holds two points for those steps, the later one from the run that finished.
+    Points are sent in the background (MLflow's asynchronous logging), so a step never waits for the store, and a
+    store that stops answering (locked, full, a server down) does not stop training. `flush`, at the end of
+    training, waits for them all and sends again, synchronously, whatever failed: up to `retries` times, `backoff_s`
+    doubling in between. What still could not be logged is counted in `.lost` (with the last error in `.error`) and
+    said once in a warning; the per-step history is in paths.train_history either way. After a resume the steps
+    between the last checkpoint and the kill are trained, and logged, a second time: the run then holds two points
+    for those steps, the later one from the run that finished.
     """
     from mlflow.tracking import MlflowClient
     from transformers import TrainerCallback
 
     class LiveMetrics(TrainerCallback):
         def __init__(self):
-            self.client = MlflowClient()
-            self.logged = 0
+            self.client = client or MlflowClient()
+            self.logged = self.lost = 0
+            self.error: str | None = None
+            self.pending: list = []  # (operations or None when the call itself failed, metrics)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             metrics = history_metrics(logs or {}, state.global_step, int(time.time() * 1000))
             if metrics:
-                self.client.log_batch(run_id, metrics=metrics, synchronous=False)
-                self.logged += len(metrics)
+                try:
+                    operations = self.client.log_batch(run_id, metrics=metrics, synchronous=False)
+                except Exception as exc:  # noqa: BLE001 - retried at the end; training goes on
+                    operations, self.error = None, f"{type(exc).__name__}: {exc}"
+                self.pending.append((operations, metrics))
 
         def on_train_end(self, args, state, control, **kwargs):
             self.flush()
 
-        @staticmethod
-        def flush():
-            import mlflow
-
-            mlflow.flush_async_logging()
+        def flush(self) -> None:
+            failed = []
+            for operations, metrics in self.pending:
+                try:
+                    if operations is None:
+                        raise RuntimeError(self.error)
+                    operations.wait()
+                    self.logged += len(metrics)
+                except Exception as exc:  # noqa: BLE001
+                    self.error = self.error or f"{type(exc).__name__}: {exc}"
+                    failed.extend(metrics)
+            self.pending = []
+            delay = backoff_s
+            for attempt in range(retries):
+                if not failed:
+                    break
+                if attempt:
+                    time.sleep(delay)
+                    delay *= 2
+                left = []
+                for start in range(0, len(failed), 1000):  # MLflow takes at most 1000 metrics per batch
+                    chunk = failed[start:start + 1000]
+                    try:
+                        self.client.log_batch(run_id, metrics=chunk)
+                        self.logged += len(chunk)
+                    except Exception as exc:  # noqa: BLE001
+                        self.error = f"{type(exc).__name__}: {exc}"
+                        left.extend(chunk)
+                failed = left
+            if failed:
+                self.lost += len(failed)
+                print(f"train: warning: {len(failed)} metric points could not be logged to MLflow run {run_id} "
+                      f"after {retries} tries ({self.error}); the per-step and per-epoch history is in the train "
+                      f"reports (paths.train_history, paths.eval_history)", file=sys.stderr)
 
     return LiveMetrics()
+
+
+def check_store(params: Params, lock_timeout_s: float = 30) -> str:
+    """Write to the tracking store once (the experiment, one experiment tag) before anything trains; returns the
+    experiment id. A store that cannot be written (a locked or full SQLite file, a folder in its place, a server
+    that does not answer) is a StageError naming it, instead of a failure at a random step of a long run.
+
+    A SQLite store is tried first with sqlite3 itself: one write transaction, waiting `lock_timeout_s` for another
+    writer, so that a broken file fails in seconds (MLflow retries opening it for about 100 s before it gives up).
+    """
+    from mlflow.tracking import MlflowClient
+
+    from sft_pipeline.io import StageError
+
+    uri = tracking_uri(params.paths)
+
+    def refuse(exc: BaseException) -> StageError:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return StageError(f"the MLflow store {uri} cannot be written ({type(exc).__name__}: {message[:300]}); "
+                          f"nothing was trained. Check that paths.mlflow_db is a writable SQLite file on a volume "
+                          f"with free space and that no other program holds it locked (or that the server of "
+                          f"MLFLOW_TRACKING_URI answers), then rerun")
+
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            if db.exists():
+                con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=lock_timeout_s, isolation_level=None)
+                try:
+                    con.execute("BEGIN IMMEDIATE")
+                    con.execute("ROLLBACK")
+                finally:
+                    con.close()
+        except (sqlite3.Error, OSError) as exc:
+            raise refuse(exc) from exc
+    try:
+        exp = experiment_id(params.paths, params.mlflow)
+        MlflowClient().set_experiment_tag(exp, "sft_pipeline.last_train_start", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    except Exception as exc:  # noqa: BLE001 - whatever the store raised, it cannot be written
+        raise refuse(exc) from exc
+    return exp
+
+
+def end_run_best_effort(run_id: str, status: str, tags: dict | None = None) -> str | None:
+    """End `run_id` with `status` (and `tags`), without raising: a store that fails here must not mask the error
+    being reported. Returns the store's error, None when the run was ended."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient()
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, status=status)
+    except Exception as exc:  # noqa: BLE001
+        print(f"train: warning: the MLflow run {run_id} could not be ended as {status} ({type(exc).__name__}: "
+              f"{str(exc)[:300]}); the next training ends it as KILLED", file=sys.stderr)
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
+            try:
+                mlflow.end_run(status=status)
+            except Exception:  # noqa: BLE001 - the warning above said so
+                pass
+    return None
 
 
 # The promotion gate. evaluate scores the champion on the same test rows as the new version (stages/evaluate.py) and

@@ -80,7 +80,8 @@ def run_fingerprint(model: Model, options: Train, tokenized_dir: Path, cache_dir
     return {
         "model": model.model_dump(mode="json"),
         "weights": weights_fingerprint(model, cache_dir),
-        "train": options.model_dump(mode="json"),
+        # How long a stop may take does not change what trains.
+        "train": options.model_dump(mode="json", exclude={"stop_grace_s"}),
         "tokenized": fingerprint(tokenized_dir),
     }
 

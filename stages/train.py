@@ -29,7 +29,7 @@ import resource
 import sys
 import time
 
-from sft_pipeline import strategies, tasks, training
+from sft_pipeline import faults, strategies, tasks, training
 from sft_pipeline.io import StageError, atomic_path, read_json, stage_main, write_frame, write_json, write_text
 from sft_pipeline.modeling import load_pretrained, load_tokenizer, pick_device
 from sft_pipeline.params import Params
@@ -51,6 +51,26 @@ def previous_run_id(mlflow_run) -> str | None:
         return str(read_json(mlflow_run)["run_id"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def stop_tags(signum: int, step: int | None, checkpoints_dir) -> dict:
+    last = faults.newest_complete(checkpoints_dir)
+    return {"stopped.by": faults.signal_name(signum), "stopped.at_step": "unknown" if step is None else str(step),
+            "stopped.checkpoint": last.name if last else "none"}
+
+
+def stopped(stop: faults.GracefulStop, step: int, paths, run_id: str | None) -> None:
+    """Training stopped on a signal with a checkpoint at `step`: end the MLflow run as KILLED, say so, exit."""
+    tags = stop_tags(stop.signum, step, paths.checkpoints_dir)
+    ended = ""
+    if run_id:
+        from sft_pipeline import tracking
+
+        error = tracking.end_run_best_effort(run_id, "KILLED", tags)
+        ended = f" (MLflow run {run_id} {'ended as KILLED' if error is None else 'left RUNNING: ' + error})"
+    saved = f"{tags['stopped.checkpoint']} saved" if tags["stopped.checkpoint"] != "none" else "no checkpoint saved"
+    print(f"train: stopped by {tags['stopped.by']} at step {step}; {saved}; `dvc repro` resumes{ended}", flush=True)
+    raise faults.Stopped(stop.exit_code)
 
 
 def run(params: Params, track: bool = True) -> dict:
@@ -80,34 +100,52 @@ def run(params: Params, track: bool = True) -> dict:
     # Read before prepare_checkpoints, which deletes stale checkpoints and this file with them.
     id_file = paths.checkpoints_dir / training.RUN_ID_FILE
     checkpoint_run = id_file.read_text().strip() if id_file.is_file() else None
+    # Before any checkpoint is touched or deleted: room for the checkpoints and the model, a store that can be written.
+    # The checkpoints there now are resumed and rotated away, or deleted as stale: either way their space comes back.
+    on_disk = sum(faults.folder_bytes(p) for p in faults.checkpoint_folders(paths.checkpoints_dir))
+    faults.check_space(faults.checkpoint_estimate(prepared.model, prepared.is_adapter), paths.checkpoints_dir,
+                       paths.model_dir, on_disk)
+    if track:
+        from sft_pipeline import tracking
+
+        tracking.check_store(params)
     resume = training.prepare_checkpoints(
         paths.checkpoints_dir, training.run_fingerprint(params.model, options, paths.tokenized_dir, paths.cache_dir))
     if resume:
         print(f"train: resuming from {resume}")
     callbacks = [training.mid_epoch_checkpoints(options.save_every_steps)]
     run_id = live = None
-    if track:
-        from sft_pipeline import tracking
-
-        # The runs of earlier trainings: one left RUNNING by a kill that this training does not continue is ended.
-        earlier = [checkpoint_run, previous_run_id(paths.mlflow_run)]
-        run_id = tracking.start_training_run(
-            params, checkpoint_run if resume else None, supersedes=[r for r in earlier if r],
-            reason="a later training, resumed here, replaced it" if resume else
-            "its checkpoints were not resumed (none complete, or made from other params, base weights or data)")
-        write_text(id_file, run_id)
-        live = tracking.live_metrics(run_id)
-        callbacks.append(live)
-
+    stop = faults.GracefulStop(options.stop_grace_s, paths.checkpoints_dir,
+                               on_timeout=lambda signum: run_id and tracking.end_run_best_effort(
+                                   run_id, "KILLED", stop_tags(signum, None, paths.checkpoints_dir)))
+    callbacks.append(stop.callback())
     started = time.perf_counter()
     try:
-        fitted = training.fit(prepared, task, dataset, tokenizer, paths, options, device, callbacks, resume)
-    except BaseException:
-        if run_id:  # a killed process leaves the run RUNNING instead, and the resumed run continues it
-            import mlflow
-
-            mlflow.end_run(status="FAILED")
+        with stop:
+            if track:
+                # The runs of earlier trainings: one left RUNNING by a kill that this training does not continue is
+                # ended.
+                earlier = [checkpoint_run, previous_run_id(paths.mlflow_run)]
+                run_id = tracking.start_training_run(
+                    params, checkpoint_run if resume else None, supersedes=[r for r in earlier if r],
+                    reason="a later training, resumed here, replaced it" if resume else
+                    "its checkpoints were not resumed (none complete, or made from other params, base weights or "
+                    "data)")
+                write_text(id_file, run_id)
+                live = tracking.live_metrics(run_id)
+                callbacks.append(live)
+            fitted = training.fit(prepared, task, dataset, tokenizer, paths, options, device, callbacks, resume)
+    except BaseException as exc:
+        if isinstance(exc, Exception) and faults.no_space(exc):
+            removed = faults.remove_incomplete(paths.checkpoints_dir)
+            if removed:
+                print(f"train: removed the checkpoint cut short by the full disk: {', '.join(removed)}",
+                      file=sys.stderr)
+        if run_id:  # best effort: a store on the same full disk must not replace the error being reported
+            tracking.end_run_best_effort(run_id, "FAILED", {"failed.error": f"{type(exc).__name__}: {exc}"[:500]})
         raise
+    if stop.signum is not None:
+        stopped(stop, fitted.trainer.state.global_step, paths, run_id)
     elapsed = time.perf_counter() - started
     state = fitted.trainer.state
 
@@ -171,7 +209,8 @@ def run(params: Params, track: bool = True) -> dict:
         mlflow.log_artifact(str(paths.train_report))
         mlflow.end_run()
         write_json(paths.mlflow_run, {"run_id": run_id, "tracking_uri": tracking.tracking_uri(paths),
-                                      "experiment": params.mlflow.experiment, "metrics_logged": live.logged})
+                                      "experiment": params.mlflow.experiment, "metrics_logged": live.logged,
+                                      "metrics_not_logged": live.lost, "logging_error": live.error})
         print(f"train: MLflow run {run_id} ({live.logged} metric points logged while training)")
     print(f"train: {report['global_steps']} steps in {elapsed:.0f} s, best validation {task.best_metric} "
           f"{report[f'best_validation_{task.best_metric}']} at epoch {report['best_epoch']}; model in "
