@@ -39,7 +39,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.states import Completed  # noqa: E402
+from prefect.states import Cancelled, Completed  # noqa: E402
 
 from sft_pipeline.io import write_json  # noqa: E402
 from sft_pipeline.params import Params, load  # noqa: E402
@@ -72,25 +72,89 @@ def dvc_env() -> dict[str, str]:
             "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1"}
 
 
+# DVC itself, with a SIGTERM handler that does nothing: a stop signal sent to the stage's process group then reaches
+# the stage (train saves a checkpoint and exits 143) while dvc waits for it, reports it and releases its locks instead
+# of dying first. A Python handler, not SIG_IGN: an ignored signal stays ignored in the processes dvc starts. (DVC
+# already ignores SIGINT while a stage runs.)
+DVC_KEEPING_SIGTERM = ("import signal, sys; signal.signal(signal.SIGTERM, lambda *a: None); "
+                       "from dvc.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def dvc_command(*args: str) -> list[str]:
+    return [sys.executable, "-c", DVC_KEEPING_SIGTERM, *args]
+
+
+def run_command(command: list[str], root: str, on_line, settle_s: float = 60) -> tuple[int, int | None]:
+    """Run `command` in its own process group, each line of its output to `on_line`; returns (exit status, the stop
+    signal this process received meanwhile, or None).
+
+    While it runs, SIGTERM and SIGINT sent to this process (Prefect's cancel, a worker or systemd stopping it) are
+    passed on to the whole group instead, so the stage dvc runs gets them and stops cleanly; then this waits for the
+    group to empty (at most `settle_s`), not only for dvc. Prefect's own handlers are put back afterwards. Outside
+    the main thread no handler can be installed and signals are left as they are.
+    """
+    import signal
+    import threading
+
+    received: list[int] = []
+    with subprocess.Popen(command, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace", start_new_session=True) as proc:
+        def forward(signum, frame):
+            received.append(signum)
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, forward)
+        try:
+            for line in proc.stdout:
+                on_line(line.rstrip())
+            proc.wait()
+            deadline = time.monotonic() + settle_s
+            while received and time.monotonic() < deadline:
+                try:
+                    os.killpg(proc.pid, 0)  # a stage dvc started, still saving
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return proc.returncode, received[0] if received else None
+
+
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=0)
 def run_stage(stage: str, root: str):
-    """`dvc repro --single-item <stage>`, its output streamed to this task's log."""
+    """`dvc repro --single-item <stage>`, its output streamed to this task's log. A stop signal during the stage
+    ends the task `Cancelled` (train has saved a checkpoint; the next run resumes), not failed."""
+    import signal
+
     logger = get_run_logger()
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    logger.info("$ %s", " ".join(command[1:]))
+    logger.info("$ dvc repro --single-item %s", stage)
     tail: deque[str] = deque(maxlen=40)
     unchanged = False
-    with subprocess.Popen(command, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace") as proc:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if not line:
-                continue
+
+    def on_line(line: str) -> None:
+        nonlocal unchanged
+        if line:
             logger.info(line)
             tail.append(line)
             unchanged |= bool(_UNCHANGED.search(line))
-    if proc.returncode != 0:
-        raise StageFailed(f"stage {stage!r} failed (dvc exit {proc.returncode}):\n" + "\n".join(tail))
+
+    grace = project_params(Path(root)).train.stop_grace_s
+    code, stopped_by = run_command(dvc_command("repro", "--single-item", stage), root, on_line, settle_s=grace + 10)
+    if stopped_by is not None:
+        said = [line for line in tail if "stopped by" in line]
+        message = (f"{stage}: cancelled by {signal.Signals(stopped_by).name} (dvc exit {code})"
+                   + (f"; {said[-1]}" if said else ""))
+        logger.warning(message)
+        return Cancelled(message=message)
+    if code != 0:
+        raise StageFailed(f"stage {stage!r} failed (dvc exit {code}):\n" + "\n".join(tail))
     if unchanged:
         return Completed(name=SKIPPED, message=f"{stage}: up to date, DVC skipped it", data=SKIPPED)
     return Completed(message=f"{stage}: ran", data="ran")
@@ -129,6 +193,9 @@ def pipeline_flow(root: str = ".", lock_timeout_s: float | None = None):
         outcome = {}
         for stage in order:
             state = run_stage(stage, str(root_path), return_state=True)
+            if state.is_cancelled():  # stopped by a signal: later stages do not start, the flow is cancelled too
+                logger.warning("%s; stages not run: %s", state.message, order[order.index(stage) + 1:] or "none")
+                return Cancelled(message=state.message)
             outcome[stage] = state.result()  # raises StageFailed: the flow fails and later stages do not start
         ran = [s for s, r in outcome.items() if r != SKIPPED]
         logger.info("done: ran %s; up to date %s", ran or "nothing", [s for s in order if s not in ran] or "none")

@@ -399,3 +399,41 @@ def test_a_store_another_program_holds_locked_is_named_before_training(tmp_path,
         holder.execute("ROLLBACK")
         holder.close()
     assert tracking.check_store(params, lock_timeout_s=0.2)
+
+
+# ---------------------------------------------------------------------------------------------- the flow's side
+
+STOPS_ON_SIGTERM = """
+import signal, sys, time
+def stop(signum, frame):
+    print("child: saving", flush=True)
+    time.sleep(0.3)
+    print("train: stopped by SIGTERM at step 3; checkpoint-3 saved", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(60)
+sys.exit(0)
+"""
+
+
+def test_run_command_passes_a_stop_signal_to_the_stage_and_waits_for_it(tmp_path):
+    from flows.pipeline import run_command
+
+    before = signal.getsignal(signal.SIGTERM)
+    lines = []
+
+    def on_line(line):
+        lines.append(line)
+        if line == "ready":
+            os.kill(os.getpid(), signal.SIGTERM)  # this process; the handler run_command set passes it on
+
+    started = time.monotonic()
+    code, stopped_by = run_command([sys.executable, "-c", STOPS_ON_SIGTERM], str(tmp_path), on_line)
+    assert (code, stopped_by) == (143, signal.SIGTERM)
+    assert lines == ["ready", "child: saving", "train: stopped by SIGTERM at step 3; checkpoint-3 saved"]
+    assert time.monotonic() - started < 30  # not the child's 60 s sleep: it was stopped
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    code, stopped_by = run_command([sys.executable, "-c", "print('done')"], str(tmp_path), lines.append)
+    assert (code, stopped_by) == (0, None) and lines[-1] == "done"

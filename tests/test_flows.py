@@ -1,6 +1,7 @@
 """Prefect flows under a test harness: DVC's stage order, skipped and failed stages, the watch flow and the lock."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,51 @@ def test_two_pipeline_runs_started_at_once(tmp_path, tiny_bert):
     experiment = client.get_experiment_by_name("sft-pipeline")
     assert len(client.search_runs([experiment.experiment_id])) == 1
     assert len(client.search_model_versions("name='sft-classifier'")) == 1
+
+
+def test_sigterm_to_the_flow_during_train_cancels_the_stage_and_the_next_run_resumes(tmp_path, tiny_bert,
+                                                                                     monkeypatch):
+    """What Prefect's cancel, a worker or systemd send the flow's process: the flow passes it to the stage, train
+    saves a checkpoint at the end of its step, the train task and the flow end Cancelled, evaluate does not start."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from tests.test_faults import SLOW_STEPS
+    from tests.test_reliability import complete_checkpoints
+
+    root = make_project(tmp_path / "project", tiny_bert, synthetic_rows(30, seed=11), save_every_steps=1000)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_STEPS)
+    step_log = tmp_path / "steps.log"
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("STEP_LOG", str(step_log))
+    monkeypatch.setenv("STEP_SLEEP", "0.5")
+
+    def stop_after_two_steps():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if step_log.is_file() and len(step_log.read_text().split()) >= 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # to this process, which runs the flow
+                return
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=stop_after_two_steps, daemon=True)
+    sender.start()
+    state = pipeline_flow(root=str(root), return_state=True)
+    sender.join(timeout=5)
+    assert state.is_cancelled(), state
+    assert re.match(r"train: cancelled by SIGTERM \(dvc exit \d+\); train: stopped by SIGTERM at step \d+; "
+                    r"checkpoint-\d+ saved", state.message), state.message
+    tasks = task_states(state)
+    assert [tasks[s] for s in ("clean", "validate", "split", "tokenize")] == ["Completed"] * 4
+    assert tasks["train"] == "Cancelled" and "evaluate" not in tasks
+    step = int(state.message.split("at step ")[1].split(";")[0])
+    assert complete_checkpoints(root / "models/checkpoints") == [step]
+    assert signal.getsignal(signal.SIGTERM) is not None  # the flow's handlers are back
+
+    # DVC recorded nothing for train (it failed), so the next run runs it again; it resumes from that checkpoint as
+    # after any stop (tests/test_faults.py, tests/test_reliability.py).
+    assert "train" not in yaml.safe_load((root / "dvc.lock").read_text())["stages"]
