@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +48,22 @@ def training_step(self, *args, **kwargs):
 
 
 _trainer.Trainer.training_step = training_step
+_save = _trainer.Trainer._save_checkpoint
+
+
+def _save_checkpoint(self, model, trial):
+    # SAVE_SLEEP: a save from step SAVE_SLOW_FROM on takes that long, its folder half written meanwhile (a large
+    # model on a slow disk).
+    if float(os.environ.get("SAVE_SLEEP", "0")) and self.state.global_step >= int(os.environ["SAVE_SLOW_FROM"]):
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "model.safetensors"), "wb") as fh:
+            fh.write(b"partial")
+        time.sleep(float(os.environ["SAVE_SLEEP"]))
+    return _save(self, model, trial)
+
+
+_trainer.Trainer._save_checkpoint = _save_checkpoint
 """
 
 
@@ -68,10 +85,12 @@ def client(params):
     return MlflowClient(tracking_uri=f"sqlite:///{params.paths.mlflow_db}")
 
 
-def train_process(params_file: Path, hook: Path | None = None, sleep: float = 0.0, step_log: Path | None = None):
+def train_process(params_file: Path, hook: Path | None = None, sleep: float = 0.0, step_log: Path | None = None,
+                  save_sleep: float = 0.0, save_slow_from: int = 0):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if hook is not None:
-        env.update(PYTHONPATH=os.pathsep.join([str(hook), str(ROOT)]), STEP_LOG=str(step_log), STEP_SLEEP=str(sleep))
+        env.update(PYTHONPATH=os.pathsep.join([str(hook), str(ROOT)]), STEP_LOG=str(step_log), STEP_SLEEP=str(sleep),
+                   SAVE_SLEEP=str(save_sleep), SAVE_SLOW_FROM=str(save_slow_from))
     return subprocess.Popen([sys.executable, "-m", "stages.train", "--params", str(params_file)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -84,22 +103,29 @@ def safetensors_max_difference(a: Path, b: Path) -> float:
     return max(float((left[k].float() - right[k].float()).abs().max()) for k in left)
 
 
-@pytest.mark.slow
-def test_sigterm_during_train_saves_the_step_ends_the_run_killed_and_the_rerun_matches(tmp_path, tiny_bert):
-    rows = synthetic_rows(60, seed=5)
-    params, params_file = data_ready(tmp_path / "project", tiny_bert, rows)
+def stop_after_steps(tmp_path: Path, params_file: Path, steps: int, **slow) -> tuple[str, subprocess.Popen]:
+    """Start train with slowed steps, send SIGTERM once `steps` steps ran, return its output once it exits."""
     hook = tmp_path / "hook"
-    hook.mkdir()
+    hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(SLOW_STEPS)
     step_log = tmp_path / "steps.log"
-    proc = train_process(params_file, hook, sleep=0.5, step_log=step_log)
+    step_log.unlink(missing_ok=True)
+    proc = train_process(params_file, hook, step_log=step_log, **slow)
     deadline = time.monotonic() + 300
-    while not (step_log.is_file() and len(step_log.read_text().split()) >= 2):
+    while not (step_log.is_file() and len(step_log.read_text().split()) >= steps):
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, "train made no step within 300 s"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
+    return output, proc
+
+
+@pytest.mark.slow
+def test_sigterm_during_train_saves_the_step_ends_the_run_killed_and_the_rerun_matches(tmp_path, tiny_bert):
+    rows = synthetic_rows(60, seed=5)
+    params, params_file = data_ready(tmp_path / "project", tiny_bert, rows)
+    output, proc = stop_after_steps(tmp_path, params_file, 2, sleep=0.5)
     assert proc.returncode == 143, output
 
     stopped = [line for line in output.splitlines() if line.startswith("train: stopped by SIGTERM at step ")]
@@ -138,6 +164,23 @@ def test_sigterm_during_train_saves_the_step_ends_the_run_killed_and_the_rerun_m
           f"{difference:.2e}; validation loss per epoch {losses} vs {expected}")
     assert losses == pytest.approx(expected, abs=RESUME_TOLERANCE)
     assert difference < 1e-3
+
+
+@pytest.mark.slow
+def test_a_stop_whose_save_outlasts_the_grace_period_exits_without_a_half_checkpoint(tmp_path, tiny_bert):
+    params, params_file = data_ready(tmp_path / "project", tiny_bert, synthetic_rows(30, seed=5),
+                                     train__stop_grace_s=1.0, train__save_every_steps=2)
+    # Checkpoint-2 is saved as usual; the SIGTERM comes after step 3, and the save it asks for takes 30 s.
+    output, proc = stop_after_steps(tmp_path, params_file, 3, sleep=0.3, save_sleep=30, save_slow_from=3)
+    assert proc.returncode == 143, output
+    assert "did not finish within train.stop_grace_s = 1 s; exiting without them" in output
+    step = int(re.search(r"removed the unfinished checkpoint-(\d+)", output).group(1))
+    assert step >= 3 and f"`dvc repro` resumes from checkpoint-{step - step % 2}" in output
+    assert complete_checkpoints(params.paths.checkpoints_dir) == [step - step % 2]
+    assert [p.name for p in params.paths.checkpoints_dir.glob("checkpoint-*")] == [f"checkpoint-{step - step % 2}"]
+    run_id = (params.paths.checkpoints_dir / "mlflow_run_id").read_text().strip()
+    run = client(params).get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stopped.by"] == "SIGTERM"
 
 
 # ---------------------------------------------------------------------------------------------- a full disk
