@@ -6,7 +6,9 @@
 The flows run DVC; they never re-implement it. The stage order comes from DVC's own graph of dvc.yaml, each stage
 is one Prefect task running `dvc repro --single-item <stage>` with DVC's output in the task log, a stage DVC finds up
 to date ends in a `Skipped` state, and a failing stage fails its task and the flow with DVC's message. Results are
-never cached by Prefect: DVC alone decides what is stale.
+never cached by Prefect: DVC alone decides what is stale. A stop signal to the flow's process (Prefect's cancel, a
+worker or systemd stopping it) is passed on to the running stage, which stops cleanly (train saves a checkpoint);
+its task and the flow end `Cancelled`, and later stages do not start.
 
 Only one pipeline run at a time: the flow holds paths.pipeline_lock while DVC runs. A second run waits
 watch.lock_timeout_s seconds for it, then ends as `Skipped` with a log line saying why, so it never meets DVC's lock.

@@ -21,6 +21,12 @@ decides what trains; the loop is Hugging Face's Trainer with checkpoints, resume
 (sft_pipeline/training.py). A resumed run continues the MLflow run of the interrupted one, so one training is one
 MLflow run; an earlier training's run that a kill left RUNNING (its id in the checkpoints folder or in
 paths.mlflow_run) and that this training does not continue is ended as KILLED, tagged with the run that superseded it.
+
+Faults (sft_pipeline/faults.py): before anything trains or is deleted, train checks that the volumes can hold its
+checkpoints and model and that the MLflow store can be written. SIGTERM or SIGINT saves a checkpoint at the end of
+the current step, ends the MLflow run as KILLED (tags stopped.by, stopped.at_step, stopped.checkpoint) and exits
+with 143 or 130 within train.stop_grace_s; the next run resumes from it. A failure ends the run as FAILED, best
+effort; a full disk also removes the checkpoint it cut short.
 """
 
 from __future__ import annotations
