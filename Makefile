@@ -24,6 +24,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 run: $(STAMP)
 	$(BIN)/python -m sft_pipeline.defaults $(if $(EXAMPLE),--example $(EXAMPLE))
 	$(BIN)/python -m sft_pipeline.plots_page
+	$(BIN)/python -m sft_pipeline.versions snapshot
 	$(BIN)/dvc repro
 	$(BIN)/python -m sft_pipeline.summary
 

@@ -43,6 +43,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Cancelled, Completed  # noqa: E402
 
+from sft_pipeline import versions  # noqa: E402
 from sft_pipeline.io import write_json  # noqa: E402
 from sft_pipeline.params import Params, load  # noqa: E402
 
@@ -65,7 +66,9 @@ def stage_order(root: Path) -> list[str]:
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return [stage.name for stage in reversed(list(nx.topological_sort(graph)))]
+        # `dvc add`ed data (data/raw.dvc, models/pretrained.dvc) is in the graph too, but it is not a stage to run:
+        # the watch flow snapshots it first.
+        return [stage.name for stage in reversed(list(nx.topological_sort(graph))) if not stage.is_data_source]
 
 
 def dvc_env() -> dict[str, str]:
@@ -313,6 +316,10 @@ def watch_flow(root: str = "."):
         logger.warning("%s: skipping this run, the running one will finish the work", busy)
         return Completed(name=SKIPPED, message=str(busy), data={"ran": False, "reason": str(busy)})
     try:
+        # The annotations as they are now become the DVC snapshot the run is made from (and a commit can pin).
+        for folder, (before, after) in versions.snapshot(root_path, params.paths).items():
+            if before != after:
+                logger.info("dvc add %s: snapshot %s%s", folder, after, f" (was {before})" if before else "")
         stale = dvc_status(root_path)
     finally:
         lock.release()
@@ -324,8 +331,40 @@ def watch_flow(root: str = "."):
     outcome = pipeline_flow(root=str(root_path))
     if isinstance(outcome, dict) and "skipped" in outcome:
         return Completed(name=SKIPPED, message=outcome["skipped"], data={"ran": False, "reason": outcome["skipped"]})
+    if not isinstance(outcome, dict):  # Cancelled: nothing to record
+        return outcome
     write_json(state_file, {**current, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": outcome})
-    return {"ran": True, "stages": outcome, "changes": changes, "stale": sorted(stale)}
+    pinned = pin_run(root_path, params, changes) if params.watch.commit else None
+    return {"ran": True, "stages": outcome, "changes": changes, "stale": sorted(stale), **(pinned or {})}
+
+
+def commit_message(params: Params, changes: dict[str, list[str]], root: Path) -> str:
+    """"retrain: 1 new (batch2.csv) in data/raw; text-classifier v2 champion: <the gate's reason>"."""
+    decision = read_state(root / params.paths.promotion) or {}
+    registry = (f"{decision.get('model')} v{decision.get('version')} {decision.get('alias')}: {decision.get('reason')}"
+                if decision else "no registry decision recorded")
+    return f"retrain: {describe_changes(changes)} in {params.paths.raw_dir}; {registry}"
+
+
+def pin_run(root: Path, params: Params, changes: dict[str, list[str]]) -> dict:
+    """Commit what pins the run just made, push data and models to the DVC remote if there is one, and tag the MLflow
+    run and model version with the commit."""
+    logger = get_run_logger()
+    lock = acquire(root / params.paths.pipeline_lock, max(params.watch.lock_timeout_s, 60))
+    try:
+        message = commit_message(params, changes, root)
+        sha = versions.commit(root, message)
+        if sha is None:
+            logger.info("git: the run's files are as committed; no commit")
+            return {"commit": None}
+        logger.info("git commit %s: %s", sha[:12], message)
+        pushed = versions.push(root)
+        logger.info("dvc push: %s", "done" if pushed else "no DVC remote configured, nothing pushed")
+        tags = versions.tag_lineage(params.paths, sha, root)
+        logger.info("MLflow run and model version tagged %s", ", ".join(f"{k}={v}" for k, v in tags.items()))
+        return {"commit": sha, "pushed": pushed}
+    finally:
+        lock.release()
 
 
 def read_state(state_file: Path) -> dict | None:

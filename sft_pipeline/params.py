@@ -63,6 +63,9 @@ class Paths(Section):
     promotion: Path
     watch_state: Path
     pipeline_lock: Path
+    # Held by evaluate while it compares with the champion and moves the alias: experiments that finish at once
+    # decide one after the other (in a DVC experiment copy, the project's own file).
+    registry_lock: Path = Path(".registry.lock")
     # Memo of per-file (clean) and per-text (tokenize) results between runs; null turns it off (sft_pipeline/memo.py).
     cache_dir: Path | None = None
 
@@ -272,6 +275,10 @@ class Watch(Section):
     cron: str = "*/10 * * * *"
     # How long a run waits for another one to finish before it gives up and says so.
     lock_timeout_s: float = Field(0, ge=0)
+    # After a successful retrain, commit what pins it (raw and base-model .dvc files, dvc.lock, params.yaml, reports
+    # and metrics; nothing else) and `dvc push` when a DVC remote is set: each registered version then has a commit
+    # that rebuilds it (README, "Versions of your data and models").
+    commit: bool = True
 
 
 class Serve(Section):

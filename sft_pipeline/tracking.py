@@ -44,7 +44,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 def tracking_uri(paths: Paths, root: Path = Path(".")) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / paths.mlflow_db).resolve()}"
+    """MLFLOW_TRACKING_URI, else the project's SQLite store; in a copy DVC made for an experiment (`dvc exp run
+    --temp`, a queue), the store of the project it was copied from (sft_pipeline.versions.project_home)."""
+    from sft_pipeline.versions import project_home
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(project_home(root) / paths.mlflow_db).resolve()}"
 
 
 # Where MLflow 3's SQLite schema holds artifact locations (absolute file URIs or paths), with the rows to look at.
@@ -67,9 +71,12 @@ def follow_project(paths: Paths, root: Path = Path(".")) -> tuple[str, str] | No
     rewritten under this one in one transaction. A store made before the root was recorded gives it away through its
     experiments, whose artifact location ends in paths.mlflow_artifacts.
     """
+    from sft_pipeline.versions import project_home
+
     if os.environ.get("MLFLOW_TRACKING_URI") or Path(paths.mlflow_db).is_absolute() \
             or Path(paths.mlflow_artifacts).is_absolute():
         return None
+    root = project_home(root)
     db = root / paths.mlflow_db
     if not db.is_file():
         return None  # MLflow makes it; experiment_id records the root once the experiment exists
@@ -154,7 +161,9 @@ def experiment_id(paths: Paths, settings: Mlflow, root: Path = Path(".")) -> str
     if found is None:
         location = None
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            artifacts = (root / paths.mlflow_artifacts).resolve()
+            from sft_pipeline.versions import project_home
+
+            artifacts = (project_home(root) / paths.mlflow_artifacts).resolve()
             artifacts.mkdir(parents=True, exist_ok=True)
             location = artifacts.as_uri()
         created = mlflow.create_experiment(settings.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
@@ -220,6 +229,13 @@ def data_tags(paths: Paths, lock_file: Path = Path("dvc.lock")) -> dict[str, str
 
         tags["data.raw_md5"] = md5("clean", "deps", paths.raw_dir) or "unknown"
         tags["data.validated_md5"] = md5("validate", "outs", paths.validated) or "unknown"
+    from sft_pipeline.versions import snapshot_md5
+
+    # The DVC snapshots the stages read (`dvc add`: data/raw.dvc, models/pretrained.dvc), where the folders have one.
+    for key, folder in (("data.raw_dvc_md5", paths.raw_dir), ("model.pretrained_dvc_md5", paths.pretrained_dir)):
+        md5 = snapshot_md5(Path("."), folder) if folder is not None else None
+        if md5:
+            tags[key] = md5
     if paths.split_report.is_file():
         rows = json.loads(paths.split_report.read_text())["rows"]
         tags.update({f"data.rows.{name}": str(n) for name, n in rows.items()})

@@ -180,8 +180,15 @@ def record(params: Params, task, info: dict, evaluation, rows: pd.DataFrame, met
             mlflow.log_table(data=table, artifact_file=name)
         # Evaluating the same training again must not register a second copy of the same model.
         version = tracking.registered_version_of(run_id, params.mlflow) or log_model(params, task, info)
-        gate = judge(params, task, evaluation, rows, meta, version, device)
-        decision = tracking.promote(run_id, version, params.mlflow, gate)
+        # The champion compared with must still be the champion when the alias moves: two evaluations finishing at
+        # once (queued experiments) take turns from scoring it to moving the alias.
+        from filelock import FileLock
+
+        from sft_pipeline.versions import project_home
+
+        with FileLock(str(project_home() / paths.registry_lock)):
+            gate = judge(params, task, evaluation, rows, meta, version, device)
+            decision = tracking.promote(run_id, version, params.mlflow, gate)
     decision["run_id"] = run_id
     write_json(paths.promotion, decision)
     print(f"evaluate: registered {decision['model']} v{version} as {decision['alias']}: {decision['reason']}")
