@@ -400,6 +400,9 @@ def test_a_failed_write_of_the_watch_state_leaves_the_previous_state(tmp_path, m
     monkeypatch.setattr(flows_pipeline, "get_run_logger", lambda: logging.getLogger("test-watch"))
     monkeypatch.setattr(flows_pipeline, "pipeline_flow", pipeline)
     monkeypatch.setattr(flows_pipeline, "dvc_status", dvc_status)
+    # No git or DVC here: the snapshot (dvc add) and the commit after a run are stood in for too.
+    monkeypatch.setattr(flows_pipeline.versions, "snapshot", lambda root, paths: {})
+    monkeypatch.setattr(flows_pipeline, "pin_run", lambda root, params, changes: {"commit": None})
     watch = flows_pipeline.watch_flow.fn
 
     assert watch(root=str(tmp_path))["ran"] is True

@@ -10,7 +10,6 @@ commands; they are marked `slow`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,17 +23,8 @@ import yaml
 from flows.pipeline import watch_flow
 from sft_pipeline import versions
 from tests.conftest import ROOT, make_project, synthetic_rows, write_csv
+from tests.test_flows import prefect_api  # noqa: F401 - the module's Prefect test server (autouse)
 from tests.test_pipeline import dvc
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api(tmp_path_factory):
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def git(root: Path, *args: str) -> str:
