@@ -78,6 +78,42 @@ def pick_device(choice: str) -> str:
     return choice
 
 
+def pick_precision(choice: str, device: str) -> str:
+    """The precision train runs at (fp32, bf16 or fp16) for train.precision on `device`.
+
+    auto: bf16 on a GPU of compute capability 8.0 or newer (native bf16; `torch.cuda.is_bf16_supported()` also says
+    yes where bf16 is emulated, which is slow), fp16 with loss scaling on 7.x (tensor cores), fp32 below and on a CPU
+    (bf16 autocast on a CPU without native support is about 20x slower than fp32). fp16 needs a GPU: on a CPU it is
+    a StageError, not a traceback from inside the Trainer.
+    """
+    import torch
+
+    if device != "cuda":
+        if choice == "fp16":
+            raise StageError(f"train.precision is 'fp16' but train runs on {device}: fp16 with loss scaling needs a "
+                             f"CUDA GPU. Use 'auto' or 'fp32' (or 'bf16', slow on most CPUs)")
+        return "bf16" if choice == "bf16" else "fp32"
+    if choice != "auto":
+        return choice
+    capability = torch.cuda.get_device_capability()
+    return "bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "fp32"
+
+
+def device_info(device: str, precision: str) -> dict:
+    """What train.json and MLflow record of where the model trained."""
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        return {"device": device, "device_name": torch.cuda.get_device_name(), "device_count": 1,
+                "visible_devices": torch.cuda.device_count(), "compute_capability": f"{major}.{minor}",
+                "precision": precision}
+    return {"device": device, "device_name": platform.processor() or platform.machine(), "device_count": 1,
+            "precision": precision}
+
+
 def parameter_counts(model) -> dict:
     """Trainable and total parameters (a parameter shared by two modules counts once)."""
     seen, trainable, total = set(), 0, 0

@@ -230,7 +230,7 @@ class Train(Section):
     group_by_length: bool = True
     log_every_steps: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: bf16 autocast on a GPU that supports it, fp32 otherwise.
+    # auto: bf16 on a GPU of compute capability >= 8.0, fp16 (loss scaling) on 7.x, fp32 otherwise and on a CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
     @field_validator("learning_rate")
@@ -239,6 +239,13 @@ class Train(Section):
         if value != "auto" and value <= 0:
             raise ValueError("must be > 0, or auto")
         return value
+
+    @model_validator(mode="after")
+    def _fp16_needs_a_gpu(self) -> "Train":
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("train.precision: 'fp16' needs a CUDA GPU, but train.device is 'cpu'; use 'auto' or "
+                             "'fp32'")
+        return self
 
     @model_validator(mode="after")
     def _options_of_the_chosen_strategy_only(self) -> "Train":

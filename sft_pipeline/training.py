@@ -224,14 +224,13 @@ def trainer_class():
 
 def training_arguments(paths: Paths, options: Train, device: str, best_metric: str, grouped: bool | None = None,
                        greater_is_better: bool = True):
-    import torch
     from transformers import TrainingArguments
 
     from sft_pipeline.strategies import learning_rate
 
-    bf16 = options.precision == "bf16" or (
-        options.precision == "auto" and device == "cuda" and torch.cuda.is_bf16_supported()
-    )
+    from sft_pipeline.modeling import pick_precision
+
+    precision = pick_precision(options.precision, device)
     grouped = options.group_by_length if grouped is None else grouped
     return TrainingArguments(
         output_dir=str(paths.checkpoints_dir),
@@ -257,8 +256,8 @@ def training_arguments(paths: Paths, options: Train, device: str, best_metric: s
         data_seed=options.seed,
         train_sampling_strategy="group_by_length" if grouped else "random",
         use_cpu=device == "cpu",
-        bf16=bf16,
-        fp16=options.precision == "fp16",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         report_to="none",
         # The Trainer's own bar prints a dictionary per logged step; ProgressBar below replaces it.
         disable_tqdm=True,

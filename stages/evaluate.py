@@ -208,7 +208,7 @@ def run(params: Params, track: bool = True):
     if not (paths.model_dir / strategies.MODEL_INFO).is_file():
         raise StageError(f"{paths.model_dir}: no trained model; run `dvc repro train` first")
 
-    device = pick_device("auto")
+    device = pick_device(params.train.device)  # where train ran: `cpu` keeps evaluate off a GPU too
     model, tokenizer, info = strategies.load_trained(paths.model_dir, trust_remote_code=params.model.trust_remote_code,
                                                      device=device)
     evaluation = task.evaluate(model, tokenizer, test, rows, meta, options, device,

@@ -37,7 +37,7 @@ import time
 
 from sft_pipeline import faults, strategies, tasks, training
 from sft_pipeline.io import StageError, atomic_path, read_json, stage_main, write_frame, write_json, write_text
-from sft_pipeline.modeling import load_pretrained, load_tokenizer, pick_device
+from sft_pipeline.modeling import device_info, load_pretrained, load_tokenizer, pick_device, pick_precision
 from sft_pipeline.params import Params
 
 
@@ -92,6 +92,8 @@ def run(params: Params, track: bool = True) -> dict:
     meta = tasks.read_meta(paths.tokenized_dir, task)
     dataset = load_from_disk(str(data_dir))
     device = pick_device(options.device)
+    # Before the model loads: fp16 on a CPU is a message, not a Trainer traceback minutes later.
+    where = device_info(device, pick_precision(options.precision, device))
 
     set_seed(options.seed)
     tokenizer = load_tokenizer(paths.tokenized_dir / "tokenizer", params.model)
@@ -177,7 +179,7 @@ def run(params: Params, track: bool = True) -> dict:
         **counts,
         "head": prepared.head,
         "learning_rate": strategies.learning_rate(options),
-        "device": device,
+        **where,
         "torch_threads": torch.get_num_threads(),
         "resumed_from": resume,
         "global_steps": state.global_step,
@@ -209,7 +211,7 @@ def run(params: Params, track: bool = True) -> dict:
             "trainable_fraction": counts["trainable_fraction"], "peak_rss_mb": report["peak_rss_mb"],
         })
         # params.yaml as written is logged already; what `auto` and an absent options block became is logged here.
-        resolved = {"learning_rate": report["learning_rate"], "head": ",".join(prepared.head),
+        resolved = {"learning_rate": report["learning_rate"], "head": ",".join(prepared.head), **where,
                     options.strategy: report["strategy_options"]}
         mlflow.log_params(tracking.flatten(resolved, "resolved."))
         mlflow.log_artifact(str(paths.train_report))
