@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -232,7 +233,7 @@ def training_arguments(paths: Paths, options: Train, device: str, best_metric: s
 
     precision = pick_precision(options.precision, device)
     grouped = options.group_by_length if grouped is None else grouped
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(paths.checkpoints_dir),
         num_train_epochs=options.epochs,
         per_device_train_batch_size=options.batch_size,
@@ -263,6 +264,12 @@ def training_arguments(paths: Paths, options: Train, device: str, best_metric: s
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    if device == "cuda" and "LOCAL_RANK" not in os.environ and args.n_gpu > 1:
+        # Several visible GPUs and no launcher: the Trainer would wrap the model in DataParallel, which changes the
+        # effective batch and copies the model every step. One device, unless torchrun or accelerate started
+        # several processes (each then drives one).
+        args._n_gpu = 1
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ callbacks

@@ -55,3 +55,14 @@ def test_device_info_names_the_gpu_and_its_capability(monkeypatch):
                                            "visible_devices": 2, "compute_capability": "8.9", "precision": "bf16"}
     cpu = device_info("cpu", "fp32")
     assert cpu["device"] == "cpu" and cpu["precision"] == "fp32" and cpu["device_name"]
+
+
+def test_several_visible_gpus_without_a_launcher_train_on_one(monkeypatch, tmp_path):
+    from sft_pipeline.training import training_arguments
+
+    fake_gpu(monkeypatch, (8, 0), count=4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a, **k: None)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    params = parse(project_params(tmp_path, train__precision="fp32"))
+    args = training_arguments(params.paths, params.train, "cuda", "macro_f1")
+    assert args.n_gpu == 1  # not 4: no DataParallel
