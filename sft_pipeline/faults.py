@@ -84,7 +84,7 @@ class GracefulStop:
         with GracefulStop(grace_s, checkpoints_dir, on_timeout) as stop:
             trainer.add_callback(stop.callback())   # sets should_save / should_training_stop
             trainer.train()
-        if stop.signum: ...                         # stopped early: report and exit 128 + signum
+        if stop.stopping: ...                       # stopped early: report and exit 128 + signum
 
     `on_timeout` runs (best effort) before the process exits when the grace period or a second signal cuts the
     stop short, e.g. to end the MLflow run. Outside the main thread no handler can be installed: nothing changes.
@@ -98,13 +98,19 @@ class GracefulStop:
         self.on_timeout = on_timeout
         self.stream = sys.stderr if stream is None else stream
         self.signum: int | None = None
+        # Under DDP: another process got the signal first (this one stops at the same step; its own comes soon).
+        self.peer_stopped = False
         self._previous: dict = {}
         self._timer: threading.Timer | None = None
         self._exiting = threading.Lock()
 
     @property
+    def stopping(self) -> bool:
+        return self.signum is not None or self.peer_stopped
+
+    @property
     def exit_code(self) -> int:
-        return 128 + (self.signum or 0)
+        return 128 + (self.signum or signal.SIGTERM)
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
@@ -137,8 +143,11 @@ class GracefulStop:
 
     def exit_now(self, signum: int) -> None:
         """Remove the checkpoint being written, run `on_timeout`, and end the process with 128 + signum."""
+        from sft_pipeline import distributed
+
         with self._exiting:
-            removed = remove_incomplete(self.checkpoints_dir)
+            # Under DDP process 0 alone tidies the checkpoints folder (the others' deletions would race with it).
+            removed = remove_incomplete(self.checkpoints_dir) if distributed.is_main() else []
             last = newest_complete(self.checkpoints_dir)
             self._print(f"train: stopped by {signal_name(signum)}"
                         + (f"; removed the unfinished {', '.join(removed)}" if removed else "")
@@ -154,8 +163,10 @@ class GracefulStop:
     def _print(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
 
-    def callback(self):
+    def callback(self, device: str = "cpu"):
         from transformers import TrainerCallback
+
+        from sft_pipeline import distributed
 
         stop = self
 
@@ -169,14 +180,17 @@ class GracefulStop:
                 return state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-6
 
             def on_step_end(self, args, state, control, **kwargs):
-                if stop.signum is not None:
+                # Under DDP every process stops at the step where the first got the signal (one all-reduce of a
+                # flag per step): a process that went on alone would wait for the others forever.
+                if distributed.any_process(stop.signum is not None, device):
+                    stop.peer_stopped = stop.signum is None
                     control.should_training_stop = True
                     if not self._epoch_done(state):
                         control.should_save = True
                 return control
 
             def on_epoch_end(self, args, state, control, **kwargs):
-                if stop.signum is not None and not self._epoch_done(state):
+                if stop.stopping and not self._epoch_done(state):
                     control.should_evaluate = False
                     control.should_save = False
                 return control

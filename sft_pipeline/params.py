@@ -220,25 +220,60 @@ class Train(Section):
     # < 1: fraction of the optimizer steps; >= 1: a number of steps.
     warmup: float = Field(0.1, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    # Mid-epoch checkpoint interval in optimizer steps, so a killed run loses at most this many steps.
-    save_every_steps: int = Field(50, ge=1)
+    # Mid-epoch checkpoints, so a killed run loses at most this much: every save_every_steps optimizer steps and/or
+    # every save_every_minutes of training (null: never by that measure). auto follows the device
+    # (sft_pipeline.modeling.device_defaults): on a CPU every 50 steps; on a GPU, where a step is short and a
+    # checkpoint of the full optimizer state is heavy, every 15 minutes. Neither is part of the checkpoints'
+    # fingerprint.
+    save_every_steps: int | Literal["auto"] | None = "auto"
+    save_every_minutes: float | Literal["auto"] | None = "auto"
     # On SIGTERM or SIGINT train saves a checkpoint at the end of the current step and exits (143, 130); a step and
     # save that take longer than this are cut short, as by kill -9. Keep it under the grace period of whatever sends
     # the signal (Kubernetes and Prefect's process worker: 30 s). Not part of the checkpoints' fingerprint.
     stop_grace_s: float = Field(25, gt=0)
     # Batches of similar lengths waste less compute on padding.
     group_by_length: bool = True
-    log_every_steps: int = Field(1, ge=1)
+    # Loss, learning rate and gradient norm logged every this many optimizer steps (a GPU waits for each logged
+    # value). auto: 1 on a CPU, 10 on a GPU.
+    log_every_steps: int | Literal["auto"] = "auto"
+    # DataLoader worker processes that collate (pad) batches beside the training process. auto: 0 on a CPU (workers
+    # would take cores from the step itself), on a GPU min(4, CPU cores per training process - 1).
+    dataloader_workers: int | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Training processes on this machine (DDP, started with torchrun; on GPUs one per GPU, on a CPU sharing its
+    # cores). batch_size stays the global batch, so it must be a multiple of this. Not part of the checkpoints'
+    # fingerprint. Under a launcher of your own (torchrun, accelerate launch) its WORLD_SIZE decides instead.
+    processes: int = Field(1, ge=1)
     # auto: bf16 on a GPU of compute capability >= 8.0, fp16 (loss scaling) on 7.x, fp32 otherwise and on a CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
-    @field_validator("learning_rate")
+    @field_validator("learning_rate", "save_every_minutes")
     @classmethod
     def _positive(cls, value):
-        if value != "auto" and value <= 0:
-            raise ValueError("must be > 0, or auto")
+        if value not in ("auto", None) and value <= 0:
+            raise ValueError("must be > 0, or auto" + (" or null" if value is not None else ""))
         return value
+
+    @field_validator("save_every_steps", "log_every_steps")
+    @classmethod
+    def _at_least_one(cls, value):
+        if value not in ("auto", None) and value < 1:
+            raise ValueError("must be >= 1, or auto")
+        return value
+
+    @field_validator("dataloader_workers")
+    @classmethod
+    def _not_negative(cls, value):
+        if value != "auto" and value < 0:
+            raise ValueError("must be >= 0 (0: collate in the training process), or auto")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_shared_by_the_processes(self) -> "Train":
+        if self.batch_size % self.processes:
+            raise ValueError(f"train.batch_size: {self.batch_size} is the global batch, which train.processes = "
+                             f"{self.processes} cannot share evenly; make it a multiple of {self.processes}")
+        return self
 
     @model_validator(mode="after")
     def _fp16_needs_a_gpu(self) -> "Train":

@@ -3,7 +3,8 @@
 - AdamW, linear schedule with warmup, weight decay, gradient accumulation, dynamic padding per batch (batches of
   similar lengths in random order: LengthGroupedBatches), validation after every epoch, the best epoch (by the task's
   `best_metric`) restored at the end.
-- Checkpoints every epoch and every `train.save_every_steps` optimizer steps, resumed only when they were made from
+- Checkpoints every epoch, every `train.save_every_steps` optimizer steps and every `train.save_every_minutes`
+  (by device when `auto`: sft_pipeline.modeling.device_defaults), resumed only when they were made from
   the same train and model params, the same base weights (a content hash of the model's files, not its name) and the
   same tokenized data (`fingerprint.json`); a checkpoint folder cut short by a kill is removed. Stale checkpoints are
   deleted only where train made them: a paths.checkpoints_dir holding files train did not make is refused, and
@@ -81,8 +82,10 @@ def run_fingerprint(model: Model, options: Train, tokenized_dir: Path, cache_dir
     return {
         "model": model.model_dump(mode="json"),
         "weights": weights_fingerprint(model, cache_dir),
-        # How long a stop may take does not change what trains.
-        "train": options.model_dump(mode="json", exclude={"stop_grace_s"}),
+        # Neither how long a stop may take, how many processes share the global batch, how often checkpoints are
+        # made nor how many workers collate changes what trains: a run stopped with 2 processes resumes with 1.
+        "train": options.model_dump(mode="json", exclude={"stop_grace_s", "processes", "save_every_steps",
+                                                          "save_every_minutes", "dataloader_workers"}),
         "tokenized": fingerprint(tokenized_dir),
     }
 
@@ -183,6 +186,10 @@ class LengthGroupedBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def with_epoch(self, epoch: int) -> LengthGroupedBatches:
+        self.epoch = epoch
+        return self
+
     def __len__(self) -> int:
         return len(self.lengths)
 
@@ -203,22 +210,114 @@ class LengthGroupedBatches:
         return iter(int(i) for batch in self.batches() for i in batch)
 
 
+def global_micro_batches(n_rows: int, lengths, batch_size: int, accumulation: int, processes: int, seed: int,
+                         epoch: int) -> list[np.ndarray]:
+    """The micro-batches of one epoch as one process with per-step batch `batch_size` takes them (the global
+    batch): LengthGroupedBatches' order cut into `batch_size` rows (`lengths` None: a plain shuffle). A last
+    micro-batch with fewer rows than `processes` joins the one before it, so every process gets at least a row."""
+    if lengths is not None:
+        order = np.concatenate(LengthGroupedBatches(lengths, batch_size * accumulation, seed).with_epoch(
+            epoch).batches()) if n_rows else np.zeros(0, dtype=int)
+    else:
+        order = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    batches = [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < processes:
+        batches[-2:] = [np.concatenate(batches[-2:])]
+    return batches
+
+
+class RankBatches:
+    """The train batches of one of `processes` DDP processes: each global micro-batch (global_micro_batches: the rows
+    one process with the same global batch would take in that micro-step, length-grouped the same way) split into
+    `processes` contiguous, near-equal parts, this process taking part `rank`. Every process gets the same number of
+    micro-batches, and over an epoch the processes together see every row once: none dropped, none repeated (unlike
+    a DistributedSampler, which pads with repeats, or BatchRebalanceSampler, which drops or pads the tail). The
+    Trainer gets it as a BatchRebalanceSampler (trainer_class), which it passes to the DataLoader as its batch
+    sampler without accelerate sharding it a second time; none of that class's balancing is used."""
+
+    def __init__(self, n_rows: int, lengths, batch_size: int, accumulation: int, processes: int, rank: int,
+                 seed: int):
+        if n_rows < processes:
+            raise StageError(f"the train split has {n_rows} rows, fewer than the {processes} training processes; "
+                             f"use fewer processes (train.processes) or more data")
+        self.n_rows, self.lengths = n_rows, None if lengths is None else np.asarray(lengths)
+        self.batch_size, self.accumulation, self.processes, self.rank = batch_size, accumulation, processes, rank
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def all_parts(self) -> list[list[np.ndarray]]:
+        """For each global micro-batch, the parts of processes 0..N-1."""
+        return [np.array_split(batch, self.processes) for batch in global_micro_batches(
+            self.n_rows, self.lengths, self.batch_size * self.processes, self.accumulation, self.processes,
+            self.seed, self.epoch)]
+
+    def __iter__(self):
+        return iter([int(i) for i in parts[self.rank]] for parts in self.all_parts())
+
+    def __len__(self) -> int:
+        total = self.batch_size * self.processes
+        count = -(-self.n_rows // total)
+        return count - 1 if count > 1 and self.n_rows % total and self.n_rows % total < self.processes else count
+
+
 def trainer_class():
-    """HF Trainer, with LengthGroupedBatches as its sampler when train_sampling_strategy is group_by_length."""
+    """HF Trainer, with LengthGroupedBatches as its sampler when train_sampling_strategy is group_by_length, and
+    RankBatches as each process's batch sampler under DDP."""
     from transformers import Trainer
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    class TrainerRankBatches(RankBatches, BatchRebalanceSampler):
+        pass
 
     class GroupedTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
             # The DataLoader's copy has lost the `length` column (not a model input); the rows are the same.
             dataset = self.train_dataset if train_dataset is None else train_dataset
-            if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "column_names"):
+            grouped = self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "column_names")
+            if not grouped and self.args.world_size == 1:
                 return super()._get_train_sampler(train_dataset)
-            if "length" in getattr(self.train_dataset, "column_names", ()) and len(self.train_dataset) == len(dataset):
-                lengths = self.train_dataset["length"]
-            else:
-                lengths = [len(ids) for ids in dataset["input_ids"]]
+            lengths = None
+            if grouped:
+                if "length" in getattr(self.train_dataset, "column_names", ()) and \
+                        len(self.train_dataset) == len(dataset):
+                    lengths = self.train_dataset["length"]
+                else:
+                    lengths = [len(ids) for ids in dataset["input_ids"]]
+            seed = self.args.data_seed or self.args.seed
+            if self.args.world_size > 1:
+                return TrainerRankBatches(len(dataset), lengths, self.args.per_device_train_batch_size,
+                                          self.args.gradient_accumulation_steps, self.args.world_size,
+                                          self.args.process_index, seed)
             return LengthGroupedBatches(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        self.args.data_seed or self.args.seed)
+                                        seed)
+
+        # Under DDP every process validates the whole validation split, in order, and keeps its own results (they
+        # are the same on every process: same weights, same rows). Accelerate's sharding would pad the last batch
+        # with repeated rows (even_batches) and, although the predictions are cut back afterwards, eval_loss is a
+        # mean over the padded batches: 1.7e-3 off one process's on 12 rows here, and the instruction task picks its
+        # best epoch by that loss. Validation then takes as long as on one process.
+        def get_eval_dataloader(self, eval_dataset=None):
+            if self.args.world_size == 1:
+                return super().get_eval_dataloader(eval_dataset)
+            import datasets
+            from torch.utils.data import DataLoader, SequentialSampler
+
+            dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+            collate = self.data_collator
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="Evaluation")
+            else:
+                collate = self._get_collator_with_removed_columns(self.data_collator, description="Evaluation")
+            return DataLoader(dataset, batch_size=self.args.eval_batch_size, sampler=SequentialSampler(dataset),
+                              collate_fn=collate, num_workers=self.args.dataloader_num_workers,
+                              pin_memory=self.args.dataloader_pin_memory)
+
+        def evaluation_loop(self, *args, **kwargs):
+            if self.args.world_size > 1:
+                self.gather_function = lambda tensors: tensors  # each process has all rows (above)
+            return super().evaluation_loop(*args, **kwargs)
 
     return GroupedTrainer
 
@@ -231,13 +330,19 @@ def training_arguments(paths: Paths, options: Train, device: str, best_metric: s
 
     from sft_pipeline.modeling import pick_precision
 
+    from sft_pipeline import distributed
+    from sft_pipeline.modeling import device_defaults
+
     precision = pick_precision(options.precision, device)
     grouped = options.group_by_length if grouped is None else grouped
+    processes = distributed.world_size()
+    resolved = device_defaults(options, device, processes)
     args = TrainingArguments(
         output_dir=str(paths.checkpoints_dir),
         num_train_epochs=options.epochs,
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.eval_batch_size,
+        # train.batch_size is the global batch: under DDP each process takes its share (RankBatches).
+        per_device_train_batch_size=distributed.per_process(options.batch_size, "train.batch_size"),
+        per_device_eval_batch_size=options.eval_batch_size,  # each process validates every row (trainer_class)
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         learning_rate=learning_rate(options),
         weight_decay=options.weight_decay,
@@ -252,7 +357,10 @@ def training_arguments(paths: Paths, options: Train, device: str, best_metric: s
         metric_for_best_model=best_metric,
         greater_is_better=greater_is_better,
         logging_strategy="steps",
-        logging_steps=options.log_every_steps,
+        logging_steps=resolved["log_every_steps"],
+        # The check for a NaN or infinite loss waits for the GPU at every step; without it, such a loss shows in the
+        # logged mean instead of being left out of it.
+        logging_nan_inf_filter=device != "cuda",
         seed=options.seed,
         data_seed=options.seed,
         train_sampling_strategy="group_by_length" if grouped else "random",
@@ -262,7 +370,8 @@ def training_arguments(paths: Paths, options: Train, device: str, best_metric: s
         report_to="none",
         # The Trainer's own bar prints a dictionary per logged step; ProgressBar below replaces it.
         disable_tqdm=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=resolved["dataloader_workers"],
+        ddp_backend=("gloo" if device == "cpu" else "nccl") if processes > 1 else None,
     )
     if device == "cuda" and "LOCAL_RANK" not in os.environ and args.n_gpu > 1:
         # Several visible GPUs and no launcher: the Trainer would wrap the model in DataParallel, which changes the
@@ -281,13 +390,30 @@ def callbacks_base():
     return TrainerCallback
 
 
-def mid_epoch_checkpoints(every: int):
+def mid_epoch_checkpoints(every_steps: int | None, every_minutes: float | None = None, device: str = "cpu",
+                          clock=time.monotonic):
+    """Ask for a checkpoint every `every_steps` optimizer steps and every `every_minutes` of training (from the start
+    or the last checkpoint), on top of the one per epoch; None: not by that measure. Under DDP the minutes are
+    process 0's and the others follow it (sft_pipeline.distributed.any_process), so all save at the same step."""
+    from sft_pipeline import distributed
+
     class SaveEvery(callbacks_base()):
-        """Ask for a checkpoint every `every` optimizer steps, on top of the one per epoch."""
+        def __init__(self):
+            self.last = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = clock()
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = clock()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % every == 0:
+            if every_steps is not None and state.global_step % every_steps == 0:
                 control.should_save = True
+            if every_minutes is not None:
+                due = distributed.is_main() and clock() - self.last >= every_minutes * 60
+                if distributed.any_process(due, device):
+                    control.should_save = True
             return control
 
     return SaveEvery()
@@ -430,7 +556,7 @@ def fit(prepared, task, dataset, tokenizer, paths: Paths, options: Train, device
                 model=model, args=training_arguments(paths, options, device, task.best_metric, grouped=False),
                 train_dataset=train_set, eval_dataset=eval_set, data_collator=frozen.collate,
                 compute_metrics=task.compute_metrics, callbacks=[clock, *callbacks])
-            return _train(trainer, resume, clock, features)
+            return _train(trainer, resume, clock, features, task)
     trainer = trainer_class()(
         model=prepared.model,
         args=training_arguments(paths, options, device, task.best_metric, greater_is_better=task.greater_is_better),
@@ -441,16 +567,22 @@ def fit(prepared, task, dataset, tokenizer, paths: Paths, options: Train, device
         compute_metrics=task.compute_metrics,
         callbacks=[clock, *callbacks],
     )
-    return _train(trainer, resume, clock, features)
+    return _train(trainer, resume, clock, features, task)
 
 
-def _train(trainer, resume, clock, features) -> Fitted:
+def _train(trainer, resume, clock, features, task) -> Fitted:
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
+
+    if task.loss_is_batch_mean:
+        # Its loss is a mean over the batch, whatever num_items_in_batch says: the Trainer then divides it by the
+        # accumulation steps, and under DDP does not multiply it by the number of processes (tasks.base.Task).
+        trainer.model_accepts_loss_kwargs = False
 
     # Each checkpoint write would draw a bar of its own ("Writing model shards") through the training bar.
     hf_logging.disable_progress_bar()
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(progress_bar())
+    if trainer.is_world_process_zero():
+        trainer.add_callback(progress_bar())
     output = trainer.train(resume_from_checkpoint=resume)
     return Fitted(trainer, output, clock, features)

@@ -32,12 +32,14 @@ effort; a full disk also removes the checkpoint it cut short.
 from __future__ import annotations
 
 import resource
+import signal
 import sys
 import time
 
-from sft_pipeline import faults, strategies, tasks, training
+from sft_pipeline import distributed, faults, strategies, tasks, training
 from sft_pipeline.io import StageError, atomic_path, read_json, stage_main, write_frame, write_json, write_text
-from sft_pipeline.modeling import device_info, load_pretrained, load_tokenizer, pick_device, pick_precision
+from sft_pipeline.modeling import (device_defaults, device_info, load_pretrained, load_tokenizer, pick_device,
+                                   pick_precision)
 from sft_pipeline.params import Params
 
 
@@ -67,7 +69,7 @@ def stop_tags(signum: int, step: int | None, checkpoints_dir) -> dict:
 
 def stopped(stop: faults.GracefulStop, step: int, paths, run_id: str | None) -> None:
     """Training stopped on a signal with a checkpoint at `step`: end the MLflow run as KILLED, say so, exit."""
-    tags = stop_tags(stop.signum, step, paths.checkpoints_dir)
+    tags = stop_tags(stop.signum or signal.SIGTERM, step, paths.checkpoints_dir)
     ended = ""
     if run_id:
         from sft_pipeline import tracking
@@ -75,7 +77,9 @@ def stopped(stop: faults.GracefulStop, step: int, paths, run_id: str | None) -> 
         error = tracking.end_run_best_effort(run_id, "KILLED", tags)
         ended = f" (MLflow run {run_id} {'ended as KILLED' if error is None else 'left RUNNING: ' + error})"
     saved = f"{tags['stopped.checkpoint']} saved" if tags["stopped.checkpoint"] != "none" else "no checkpoint saved"
-    print(f"train: stopped by {tags['stopped.by']} at step {step}; {saved}; `dvc repro` resumes{ended}", flush=True)
+    if distributed.is_main():
+            print(f"train: stopped by {tags['stopped.by']} at step {step}; {saved}; `dvc repro` resumes{ended}",
+              flush=True)
     raise faults.Stopped(stop.exit_code)
 
 
@@ -94,6 +98,16 @@ def run(params: Params, track: bool = True) -> dict:
     device = pick_device(options.device)
     # Before the model loads: fp16 on a CPU is a message, not a Trainer traceback minutes later.
     where = device_info(device, pick_precision(options.precision, device))
+    # Under DDP (sft_pipeline.distributed) process 0 alone touches the disks, the checkpoints and MLflow.
+    distributed.init(device)
+    main_process = distributed.is_main()
+    where.update(distributed.describe(), batch_size_per_process=distributed.per_process(options.batch_size,
+                                                                                         "train.batch_size"))
+    if device == "cuda":
+        where["device_count"] = where["processes"]
+    if where["processes"] != options.processes and main_process:
+        print(f"train: {where['processes']} processes, as the launcher started them (train.processes is "
+              f"{options.processes})")
 
     set_seed(options.seed)
     tokenizer = load_tokenizer(paths.tokenized_dir / "tokenizer", params.model)
@@ -102,35 +116,42 @@ def run(params: Params, track: bool = True) -> dict:
     prepared = strategies.prepare(model, new, options, task, paths.tokenized_dir / "tokenizer",
                                   params.tokenize.max_length)
     counts = prepared.counts
-    print(f"train: strategy {prepared.strategy}: {counts['trainable_params']:,} of {counts['total_params']:,} "
-          f"parameters train ({counts['trainable_fraction']:.2%}); new head {', '.join(prepared.head) or 'none'}"
-          + "".join(f"; {note}" for note in prepared.notes))
+    if main_process:
+        print(f"train: strategy {prepared.strategy}: {counts['trainable_params']:,} of {counts['total_params']:,} "
+              f"parameters train ({counts['trainable_fraction']:.2%}); new head "
+              f"{', '.join(prepared.head) or 'none'}" + "".join(f"; {note}" for note in prepared.notes))
     # Read before prepare_checkpoints, which deletes stale checkpoints and this file with them.
     id_file = paths.checkpoints_dir / training.RUN_ID_FILE
     checkpoint_run = id_file.read_text().strip() if id_file.is_file() else None
     # Before any checkpoint is touched or deleted: room for the checkpoints and the model, a store that can be written.
     # The checkpoints there now are resumed and rotated away, or deleted as stale: either way their space comes back.
-    on_disk = sum(faults.folder_bytes(p) for p in faults.checkpoint_folders(paths.checkpoints_dir))
-    faults.check_space(faults.checkpoint_estimate(prepared.model, prepared.is_adapter), paths.checkpoints_dir,
-                       paths.model_dir, on_disk)
+    resume = None
     if track:
         from sft_pipeline import tracking
-
-        tracking.check_store(params)
-    resume = training.prepare_checkpoints(
-        paths.checkpoints_dir, training.run_fingerprint(params.model, options, paths.tokenized_dir, paths.cache_dir))
-    if resume:
-        print(f"train: resuming from {resume}")
-    callbacks = [training.mid_epoch_checkpoints(options.save_every_steps)]
+    if main_process:
+        on_disk = sum(faults.folder_bytes(p) for p in faults.checkpoint_folders(paths.checkpoints_dir))
+        faults.check_space(faults.checkpoint_estimate(prepared.model, prepared.is_adapter), paths.checkpoints_dir,
+                           paths.model_dir, on_disk)
+        if track:
+            tracking.check_store(params)
+        resume = training.prepare_checkpoints(
+            paths.checkpoints_dir,
+            training.run_fingerprint(params.model, options, paths.tokenized_dir, paths.cache_dir))
+        if resume:
+            print(f"train: resuming from {resume}")
+    # The others wait here until process 0 has kept or deleted the checkpoints, then resume from the same one.
+    resume = distributed.from_main(resume)
+    defaults = device_defaults(options, device, where["processes"])
+    callbacks = [training.mid_epoch_checkpoints(defaults["save_every_steps"], defaults["save_every_minutes"], device)]
     run_id = live = None
     stop = faults.GracefulStop(options.stop_grace_s, paths.checkpoints_dir,
                                on_timeout=lambda signum: run_id and tracking.end_run_best_effort(
                                    run_id, "KILLED", stop_tags(signum, None, paths.checkpoints_dir)))
-    callbacks.append(stop.callback())
+    callbacks.append(stop.callback(device))
     started = time.perf_counter()
     try:
         with stop:
-            if track:
+            if track and main_process:
                 # The runs of earlier trainings: one left RUNNING by a kill that this training does not continue is
                 # ended.
                 earlier = [checkpoint_run, previous_run_id(paths.mlflow_run)]
@@ -144,7 +165,7 @@ def run(params: Params, track: bool = True) -> dict:
                 callbacks.append(live)
             fitted = training.fit(prepared, task, dataset, tokenizer, paths, options, device, callbacks, resume)
     except BaseException as exc:
-        if isinstance(exc, Exception) and faults.no_space(exc):
+        if isinstance(exc, Exception) and faults.no_space(exc) and main_process:
             removed = faults.remove_incomplete(paths.checkpoints_dir)
             if removed:
                 print(f"train: removed the checkpoint cut short by the full disk: {', '.join(removed)}",
@@ -152,10 +173,12 @@ def run(params: Params, track: bool = True) -> dict:
         if run_id:  # best effort: a store on the same full disk must not replace the error being reported
             tracking.end_run_best_effort(run_id, "FAILED", {"failed.error": f"{type(exc).__name__}: {exc}"[:500]})
         raise
-    if stop.signum is not None:
+    if stop.stopping:
         stopped(stop, fitted.trainer.state.global_step, paths, run_id)
     elapsed = time.perf_counter() - started
     state = fitted.trainer.state
+    if not main_process:
+        return {"process": distributed.rank(), "global_steps": state.global_step}
 
     info = {"task": task.name, "base": strategies.base_reference(params.model), "meta": meta}
     with atomic_path(paths.model_dir, directory=True) as tmp:
@@ -180,6 +203,9 @@ def run(params: Params, track: bool = True) -> dict:
         "head": prepared.head,
         "learning_rate": strategies.learning_rate(options),
         **where,
+        # What `auto` became on this device (train.save_every_steps, save_every_minutes, log_every_steps,
+        # dataloader_workers).
+        "device_defaults": defaults,
         "torch_threads": torch.get_num_threads(),
         "resumed_from": resume,
         "global_steps": state.global_step,
@@ -211,7 +237,7 @@ def run(params: Params, track: bool = True) -> dict:
             "trainable_fraction": counts["trainable_fraction"], "peak_rss_mb": report["peak_rss_mb"],
         })
         # params.yaml as written is logged already; what `auto` and an absent options block became is logged here.
-        resolved = {"learning_rate": report["learning_rate"], "head": ",".join(prepared.head), **where,
+        resolved = {"learning_rate": report["learning_rate"], "head": ",".join(prepared.head), **where, **defaults,
                     options.strategy: report["strategy_options"]}
         mlflow.log_params(tracking.flatten(resolved, "resolved."))
         mlflow.log_artifact(str(paths.train_report))
@@ -226,7 +252,37 @@ def run(params: Params, track: bool = True) -> dict:
     return report
 
 
+def processes_to_launch(argv: list[str] | None) -> tuple[int, str] | None:
+    """(train.processes, the device) when this process is to start them under torchrun: train.processes > 1 and no
+    launcher started this one. None otherwise, and when the params cannot be read (stage_main then says why)."""
+    if distributed.launched():
+        return None
+    import argparse
+
+    from sft_pipeline.params import add_params_argument, load
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_params_argument(parser)
+    known, _ = parser.parse_known_args(argv)
+    try:
+        options = load(known.params).train
+        if options.processes == 1:
+            return None
+        return options.processes, pick_device(options.device)
+    except Exception:  # noqa: BLE001 - the stage itself reports bad params, with their file and key
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    launch = processes_to_launch(argv)
+    if launch is not None:
+        from sft_pipeline.io import run_main
+
+        codes = []
+        run_main(lambda: codes.append(distributed.launch("stages.train", launch[0],
+                                                         list(sys.argv[1:] if argv is None else argv), launch[1])),
+                 "train", lambda: [])
+        return codes[0] if codes else 1
     return stage_main(argv, __doc__, run)
 
 

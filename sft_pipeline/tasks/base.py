@@ -112,6 +112,11 @@ class Task(ABC):
     best_metric: ClassVar[str]
     #: whether a higher best_metric is better (False for a loss)
     greater_is_better: ClassVar[bool] = True
+    #: whether the model's loss is a mean over its own batch that ignores the Trainer's `num_items_in_batch`
+    #: (transformers' sequence-classification heads take **kwargs but compute a plain mean); the Trainer is then
+    #: told so (training.fit), or it would skip dividing by the gradient accumulation steps and, under DDP, multiply
+    #: the loss by the number of processes
+    loss_is_batch_mean: ClassVar[bool] = False
     #: modules besides the task's own that shape its cleaned rows (part of clean's cache key)
     clean_modules: ClassVar[tuple[str, ...]] = ()
     #: whether the task's model class adds a new head to the pretrained model (a classifier does; a causal LM's

@@ -154,6 +154,7 @@ class Classification(Task):
     auto_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
     best_metric = "macro_f1"
+    loss_is_batch_mean = True
 
     # clean
 

@@ -1,0 +1,201 @@
+"""Several training processes (DDP under torchrun, gloo on this CPU): the batches each process takes, and train run
+as 2 processes against the same train as 1, through the stage's own entry point (`train.processes: 2`).
+
+    .venv/bin/python -m pytest tests/test_distributed.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sft_pipeline.params import ParamsError, parse
+from sft_pipeline.training import LengthGroupedBatches, RankBatches, global_micro_batches
+from stages import tokenize
+from tests.conftest import ROOT, prepared_project, project_params
+from tests.test_faults import SLOW_STEPS, client, complete_checkpoints
+
+# Two processes against one, same global batch, same rows in each step, dropout off: the losses differ only through
+# the order of float sums (gloo's all-reduce of two half batches' gradients). Measured here over 12 steps: at most
+# 1.2e-7, per step and per epoch's validation. AdamW's first updates (about lr * sign(gradient), even for a gradient
+# near 0) can amplify such differences, hence a tolerance well above that.
+STEP_TOLERANCE = VALIDATION_TOLERANCE = 1e-4
+
+
+def one_process_batches(lengths, batch_size, accumulation, seed, epoch):
+    """What one process's DataLoader takes: LengthGroupedBatches' rows, cut into batches of `batch_size`."""
+    order = list(LengthGroupedBatches(lengths, batch_size * accumulation, seed).with_epoch(epoch))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@pytest.mark.parametrize("rows,per_process,processes,accumulation", [
+    (96, 8, 2, 1),     # 6 full global micro-batches of 16
+    (101, 8, 2, 1),    # a last micro-batch of 5 rows: 3 and 2
+    (97, 8, 2, 1),     # a last one of 1 row, fewer than the processes: it joins the one before (17 rows, 9 and 8)
+    (50, 4, 3, 2),     # 3 processes, accumulation 2, 50 = 4 * 12 + 2: the 2 rows join the last micro-batch
+    (7, 8, 4, 1),      # fewer rows than one global batch: one micro-batch, 2/2/2/1
+])
+def test_each_process_takes_its_part_of_the_rows_one_process_would_take(rows, per_process, processes, accumulation):
+    lengths = np.random.default_rng(rows).integers(3, 60, rows)
+    for epoch in (0, 1):
+        samplers = [RankBatches(rows, lengths, per_process, accumulation, processes, r, seed=5) for r in
+                    range(processes)]
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        taken = [list(s) for s in samplers]
+        # Every process the same number of micro-batches (a DDP step waits for all), as its len says, each non-empty.
+        assert {len(t) for t in taken} == {len(samplers[0])}
+        assert all(len(batch) >= 1 for t in taken for batch in t)
+        # Together: each row once per epoch.
+        every = sorted(i for t in taken for batch in t for i in batch)
+        assert every == list(range(rows))
+        # Micro-batch k of all processes, side by side, is the k-th batch of one process with the global batch
+        # (the last two merged when the last has fewer rows than processes), its parts near-equal.
+        expected = one_process_batches(lengths, per_process * processes, accumulation, 5, epoch)
+        if len(expected) > 1 and len(expected[-1]) < processes:
+            expected[-2:] = [expected[-2] + expected[-1]]
+        joined = [[i for t in taken for i in t[k]] for k in range(len(taken[0]))]
+        assert joined == [[int(i) for i in batch] for batch in expected]
+        assert all(max(map(len, parts)) - min(map(len, parts)) <= 1 for parts in zip(*taken))
+
+
+def test_without_length_grouping_the_processes_share_a_shuffle_the_same_way():
+    samplers = [RankBatches(50, None, 4, 1, 2, r, seed=1) for r in range(2)]
+    taken = [list(s) for s in samplers]
+    assert len(taken[0]) == len(taken[1]) == 7
+    assert sorted(i for t in taken for b in t for i in b) == list(range(50))
+
+
+@pytest.mark.parametrize("lengths", [None, np.arange(96) % 40 + 3])
+def test_the_batches_change_with_the_epoch(lengths):
+    first, second = (np.concatenate(global_micro_batches(96, lengths, 16, 1, 2, 5, epoch)) for epoch in (0, 1))
+    assert sorted(first) == sorted(second) == list(range(96)) and first.tolist() != second.tolist()
+
+
+def test_fewer_rows_than_processes_is_an_error_not_a_hang():
+    from sft_pipeline.io import StageError
+
+    with pytest.raises(StageError, match="the train split has 3 rows, fewer than the 4 training processes"):
+        RankBatches(3, None, 2, 1, 4, 0, seed=1)
+
+
+def test_a_global_batch_the_processes_cannot_share_is_refused_when_params_load(tmp_path):
+    raw = project_params(tmp_path)
+    raw["train"].update(processes=3, batch_size=16)
+    with pytest.raises(ParamsError, match="16 is the global batch, which train.processes = 3 cannot share evenly"):
+        parse(raw)
+
+
+def test_more_processes_than_gpus_is_an_error_before_anything_starts(monkeypatch):
+    import torch
+
+    from sft_pipeline import distributed
+    from sft_pipeline.io import StageError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(StageError, match="train.processes is 4 but 2 CUDA device"):
+        distributed.launch("stages.train", 4, [], "cuda")
+
+
+def no_dropout(tiny_bert: Path, folder: Path) -> Path:
+    """tiny_bert with dropout off, so one and two processes compute the same loss from the same rows."""
+    shutil.copytree(tiny_bert, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def trained(tmp_path: Path, model: Path, processes: int):
+    params, params_file = prepared_project(tmp_path / f"p{processes}", model, train__processes=processes,
+                                           train__epochs=2)
+    assert tokenize.main(["--params", str(params_file)]) == 0
+    run = subprocess.run([sys.executable, "-m", "stages.train", "--params", str(params_file)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return params, run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_process_with_the_same_global_batch(tmp_path, tiny_bert):
+    model = no_dropout(tiny_bert, tmp_path / "model")
+    one, _ = trained(tmp_path, model, 1)
+    two, output = trained(tmp_path, model, 2)
+    assert "train: 2 processes (gloo, 1 threads each)" in output
+
+    report = json.loads(two.paths.train_report.read_text())
+    assert (report["processes"], report["backend"], report["batch_size_per_process"]) == (2, "gloo", 8)
+    assert report["torch_threads"] == 1
+    alone = json.loads(one.paths.train_report.read_text())
+    assert (alone["processes"], alone["backend"], alone["batch_size_per_process"]) == (1, "none", 16)
+    assert report["global_steps"] == alone["global_steps"] == 12  # 96 rows, batch 16, 2 epochs
+
+    steps_two, steps_one = pd.read_csv(two.paths.train_history), pd.read_csv(one.paths.train_history)
+    epochs_two, epochs_one = pd.read_csv(two.paths.eval_history), pd.read_csv(one.paths.eval_history)
+    assert steps_two["step"].tolist() == steps_one["step"].tolist()
+    difference = (steps_two["loss"] - steps_one["loss"]).abs().max()
+    print(f"largest loss difference, 2 processes vs 1: per step {difference:.2e}, per epoch "
+          f"{(epochs_two['eval_loss'] - epochs_one['eval_loss']).abs().max():.2e}")
+    assert difference < STEP_TOLERANCE
+    assert epochs_two["eval_loss"].tolist() == pytest.approx(epochs_one["eval_loss"].tolist(),
+                                                                 abs=VALIDATION_TOLERANCE)
+
+    # One MLflow run, finished, recording the processes; one model.
+    runs = client(two).search_runs([client(two).get_experiment_by_name(two.mlflow.experiment).experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["resolved.processes"] == "2" and runs[0].data.params["resolved.backend"] == "gloo"
+    assert json.loads(two.paths.mlflow_run.read_text())["run_id"] == runs[0].info.run_id
+    assert sorted(p.name for p in two.paths.model_dir.iterdir() if p.suffix == ".safetensors") == \
+        ["model.safetensors"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_processes_at_one_step_and_one_process_resumes(tmp_path, tiny_bert):
+    params, params_file = prepared_project(tmp_path / "p", tiny_bert, train__processes=2, train__epochs=2,
+                                           train__save_every_steps=1000)
+    assert tokenize.main(["--params", str(params_file)]) == 0
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_STEPS)
+    step_log = tmp_path / "steps.log"
+    env = {**__import__("os").environ, "PYTHONPATH": f"{hook}:{ROOT}", "STEP_LOG": str(step_log),
+           "STEP_SLEEP": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--params", str(params_file)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (step_log.is_file() and len(step_log.read_text().split()) >= 4):  # both processes, 2 steps each
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "train made no step within 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output
+    stopped = [line for line in output.splitlines() if line.startswith("train: stopped by SIGTERM at step ")]
+    assert len(stopped) == 1, output  # process 0 says it, once
+    step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert 1 <= step < 12
+    # Both processes stopped after the same step (the flag is all-reduced): each logged the same steps.
+    logged = step_log.read_text().split()  # global_step before each step's increment: 0 .. step - 1
+    assert sorted(logged) == sorted([str(s) for s in range(step)] * 2), logged
+    assert complete_checkpoints(params.paths.checkpoints_dir) == [step]
+    run_id = (params.paths.checkpoints_dir / "mlflow_run_id").read_text().strip()
+    assert client(params).get_run(run_id).info.status == "KILLED"
+
+    # The same params with one process resume the checkpoint (processes is not in its fingerprint) and the run.
+    raw = params_file.read_text().replace("processes: 2", "processes: 1")
+    params_file.write_text(raw)
+    rerun = subprocess.run([sys.executable, "-m", "stages.train", "--params", str(params_file)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    report = json.loads(params.paths.train_report.read_text())
+    assert report["resumed_from"].endswith(f"checkpoint-{step}") and report["global_steps"] == 12
+    assert client(params).get_run(run_id).info.status == "FINISHED"
