@@ -18,7 +18,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install repro params merge serve ui serve-model
+.PHONY: run test install repro params merge serve ui serve-model prefect-server deploy worker
 
 # plots_page: the offline template of `dvc plots show` (.dvc/plots_template.html), again in case it was removed.
 run: $(STAMP)
@@ -76,3 +76,15 @@ ui: $(STAMP)           ## MLflow UI over mlflow.db (:5000), one worker and no jo
 
 serve-model: $(STAMP)  ## REST API of the registered champion, reloaded when the alias moves (:5001)
 	$(BIN)/python -m flows.serve model
+
+# On several machines (README, "On another machine"): the server on one, `deploy` and `worker` where the runs go.
+# They reach the server at PREFECT_API_URL (default http://127.0.0.1:4200/api).
+POOL ?= sft-pipeline
+prefect-server: $(STAMP)  ## the Prefect server alone (:4200, 127.0.0.1 unless PREFECT_SERVER_API_HOST says otherwise)
+	$(BIN)/python -m flows.serve server
+
+deploy: $(STAMP)       ## the process work pool $(POOL) (created if missing) and the watch deployment in it
+	$(BIN)/python -m flows.serve deploy --pool $(POOL)
+
+worker: $(STAMP)       ## a process worker of pool $(POOL): runs its flow runs on this machine
+	$(BIN)/python -m flows.serve worker --pool $(POOL)
