@@ -178,9 +178,10 @@ def base_reference(model: Model) -> dict:
             "path": str(local.resolve()) if local.is_dir() else None}
 
 
-def save(prepared: Prepared, tokenizer, out: Path, info: dict) -> None:
-    """Write the trained model into `out` (an empty folder): weights or adapter, tokenizer, sft_model.json."""
-    prepared.model.save_pretrained(str(out))
+def save(prepared: Prepared, tokenizer, out: Path, info: dict, state_dict: dict | None = None) -> None:
+    """Write the trained model into `out` (an empty folder): weights or adapter, tokenizer, sft_model.json.
+    `state_dict`: the model's full weights where its own are shards (FSDP; training.full_state_dict)."""
+    prepared.model.save_pretrained(str(out), **({} if state_dict is None else {"state_dict": state_dict}))
     (out / "README.md").unlink(missing_ok=True)  # peft's model card template; sft_model.json says what this is
     tokenizer.save_pretrained(str(out))
     (out / MODEL_INFO).write_text(json.dumps({**info, "strategy": prepared.strategy, "head": prepared.head},

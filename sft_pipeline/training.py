@@ -570,6 +570,15 @@ def fit(prepared, task, dataset, tokenizer, paths: Paths, options: Train, device
     return _train(trainer, resume, clock, features, task)
 
 
+def full_state_dict(trainer) -> dict | None:
+    """The trained model's full weights, gathered from their shards onto process 0's CPU memory, where the Trainer
+    runs under FSDP (`accelerate launch --config_file configs/accelerate/fsdp.yaml`): a collective, so every process
+    calls it. None otherwise: the model's own weights are whole."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model)
+
+
 def _train(trainer, resume, clock, features, task) -> Fitted:
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging

@@ -177,6 +177,8 @@ def run(params: Params, track: bool = True) -> dict:
         stopped(stop, fitted.trainer.state.global_step, paths, run_id)
     elapsed = time.perf_counter() - started
     state = fitted.trainer.state
+    # Under FSDP every process holds a shard of the weights: all take part in gathering them onto process 0.
+    weights = training.full_state_dict(fitted.trainer)
     if not main_process:
         return {"process": distributed.rank(), "global_steps": state.global_step}
 
@@ -184,7 +186,7 @@ def run(params: Params, track: bool = True) -> dict:
     with atomic_path(paths.model_dir, directory=True) as tmp:
         # The best epoch (load_best_model_at_end restored it), weights as safetensors; unlike trainer.save_model, no
         # pickled training_args.bin beside them.
-        strategies.save(prepared, tokenizer, tmp, info)
+        strategies.save(prepared, tokenizer, tmp, info, weights)
     steps, epochs = training.history_frames(state.log_history)
     write_frame(paths.train_history, steps)
     write_frame(paths.eval_history, epochs)

@@ -199,3 +199,68 @@ def test_sigterm_stops_both_processes_at_one_step_and_one_process_resumes(tmp_pa
     report = json.loads(params.paths.train_report.read_text())
     assert report["resumed_from"].endswith(f"checkpoint-{step}") and report["global_steps"] == 12
     assert client(params).get_run(run_id).info.status == "FINISHED"
+
+
+def launcher_environment(config: Path) -> dict:
+    """The environment `accelerate launch --config_file <config>` gives the training processes (accelerate's own
+    parser and launcher code, without starting anything)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "stages.train"])
+    args, _, _ = _validate_launch_command(args)
+    return {**prepare_multi_gpu_env(args), "NUM_PROCESSES": str(args.num_processes)}
+
+
+def test_the_fsdp_config_shards_by_transformer_block_and_saves_sharded_checkpoints(monkeypatch, tiny_bert, tiny_gpt2):
+    from accelerate import FullyShardedDataParallelPlugin
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    env = launcher_environment(ROOT / "configs/accelerate/fsdp.yaml")
+    ddp = launcher_environment(ROOT / "configs/accelerate/ddp.yaml")
+    assert "ACCELERATE_USE_FSDP" not in ddp and ddp["NUM_PROCESSES"] == "2"
+    assert ddp["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert (env["ACCELERATE_USE_FSDP"], env["FSDP_VERSION"], env["NUM_PROCESSES"]) == ("true", "2", "2")
+    # train.precision decides the precision, not the launcher (which would otherwise override the Trainer's).
+    assert env["ACCELERATE_MIXED_PRECISION"] == "no"
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.state_dict_type.name == "SHARDED_STATE_DICT" and plugin.cpu_ram_efficient_loading is True
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    # That policy wraps the blocks a model names in _no_split_modules: the task's model classes name theirs.
+    for folder, auto in ((tiny_bert, AutoModelForSequenceClassification), (tiny_gpt2, AutoModelForCausalLM)):
+        model = auto.from_pretrained(folder)
+        blocks = set(model._no_split_modules or ())
+        assert blocks and blocks & {type(m).__name__ for m in model.modules()}, (folder, blocks)
+
+
+
+def test_under_fsdp_the_model_saved_is_the_one_gathered_from_the_shards(tmp_path, tiny_bert):
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sft_pipeline import strategies, training
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    # What accelerate's get_state_dict gathers under FSDP: here made recognisable (every weight 0.5).
+    gathered = {name: torch.full_like(value, 0.5) for name, value in model.state_dict().items()}
+    asked = []
+    trainer = SimpleNamespace(is_fsdp_enabled=True, model=model,
+                              accelerator=SimpleNamespace(get_state_dict=lambda m: asked.append(m) or gathered))
+    weights = training.full_state_dict(trainer)
+    assert asked == [model] and weights is gathered
+    assert training.full_state_dict(SimpleNamespace(is_fsdp_enabled=False)) is None
+
+    out = tmp_path / "model"
+    out.mkdir()
+    prepared = SimpleNamespace(model=model, strategy="full", head=["classifier"])
+    strategies.save(prepared, AutoTokenizer.from_pretrained(tiny_bert), out, {"task": "classification"}, weights)
+    saved = load_file(str(out / "model.safetensors"))
+    assert saved and all(bool((tensor == 0.5).all()) for tensor in saved.values())
+    assert not (model.classifier.weight == 0.5).all()  # the model's own weights were not what was saved
