@@ -78,7 +78,7 @@ def stopped(stop: faults.GracefulStop, step: int, paths, run_id: str | None) -> 
         ended = f" (MLflow run {run_id} {'ended as KILLED' if error is None else 'left RUNNING: ' + error})"
     saved = f"{tags['stopped.checkpoint']} saved" if tags["stopped.checkpoint"] != "none" else "no checkpoint saved"
     if distributed.is_main():
-            print(f"train: stopped by {tags['stopped.by']} at step {step}; {saved}; `dvc repro` resumes{ended}",
+        print(f"train: stopped by {tags['stopped.by']} at step {step}; {saved}; `dvc repro` resumes{ended}",
               flush=True)
     raise faults.Stopped(stop.exit_code)
 
