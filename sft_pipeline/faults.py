@@ -92,8 +92,10 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, grace_s: float, checkpoints_dir: Path, on_timeout=None, stream=None):
+    def __init__(self, grace_s: float, checkpoints_dir: Path, on_timeout=None, stream=None, tidies: bool = True):
         self.grace_s = grace_s
+        # Whether this process removes an unfinished checkpoint when it exits (under DDP, process 0 only).
+        self.tidies = tidies
         self.checkpoints_dir = Path(checkpoints_dir)
         self.on_timeout = on_timeout
         self.stream = sys.stderr if stream is None else stream
@@ -143,11 +145,9 @@ class GracefulStop:
 
     def exit_now(self, signum: int) -> None:
         """Remove the checkpoint being written, run `on_timeout`, and end the process with 128 + signum."""
-        from sft_pipeline import distributed
-
         with self._exiting:
             # Under DDP process 0 alone tidies the checkpoints folder (the others' deletions would race with it).
-            removed = remove_incomplete(self.checkpoints_dir) if distributed.is_main() else []
+            removed = remove_incomplete(self.checkpoints_dir) if self.tidies else []
             last = newest_complete(self.checkpoints_dir)
             self._print(f"train: stopped by {signal_name(signum)}"
                         + (f"; removed the unfinished {', '.join(removed)}" if removed else "")
@@ -163,12 +163,13 @@ class GracefulStop:
     def _print(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
 
-    def callback(self, device: str = "cpu"):
+    def callback(self, agree=None):
+        """The Trainer callback. `agree(flag)`: True on every process when `flag` is on any (under DDP:
+        sft_pipeline.distributed.any_process), so that all stop after the same step."""
         from transformers import TrainerCallback
 
-        from sft_pipeline import distributed
-
         stop = self
+        agree = agree or (lambda flag: flag)
 
         class StopOnSignal(TrainerCallback):
             """After a signal: save at the end of the step and stop. When the step ends an epoch, the epoch's own
@@ -182,7 +183,7 @@ class GracefulStop:
             def on_step_end(self, args, state, control, **kwargs):
                 # Under DDP every process stops at the step where the first got the signal (one all-reduce of a
                 # flag per step): a process that went on alone would wait for the others forever.
-                if distributed.any_process(stop.signum is not None, device):
+                if agree(stop.signum is not None):
                     stop.peer_stopped = stop.signum is None
                     control.should_training_stop = True
                     if not self._epoch_done(state):

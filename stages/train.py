@@ -146,8 +146,9 @@ def run(params: Params, track: bool = True) -> dict:
     run_id = live = None
     stop = faults.GracefulStop(options.stop_grace_s, paths.checkpoints_dir,
                                on_timeout=lambda signum: run_id and tracking.end_run_best_effort(
-                                   run_id, "KILLED", stop_tags(signum, None, paths.checkpoints_dir)))
-    callbacks.append(stop.callback(device))
+                                   run_id, "KILLED", stop_tags(signum, None, paths.checkpoints_dir)),
+                               tidies=main_process)
+    callbacks.append(stop.callback(lambda flag: distributed.any_process(flag, device)))
     started = time.perf_counter()
     try:
         with stop:
