@@ -229,13 +229,9 @@ def data_tags(paths: Paths, lock_file: Path = Path("dvc.lock")) -> dict[str, str
 
         tags["data.raw_md5"] = md5("clean", "deps", paths.raw_dir) or "unknown"
         tags["data.validated_md5"] = md5("validate", "outs", paths.validated) or "unknown"
-    from sft_pipeline.versions import snapshot_md5
+    from sft_pipeline.versions import snapshot_tags
 
-    # The DVC snapshots the stages read (`dvc add`: data/raw.dvc, models/pretrained.dvc), where the folders have one.
-    for key, folder in (("data.raw_dvc_md5", paths.raw_dir), ("model.pretrained_dvc_md5", paths.pretrained_dir)):
-        md5 = snapshot_md5(Path("."), folder) if folder is not None else None
-        if md5:
-            tags[key] = md5
+    tags.update(snapshot_tags(paths))
     if paths.split_report.is_file():
         rows = json.loads(paths.split_report.read_text())["rows"]
         tags.update({f"data.rows.{name}": str(n) for name, n in rows.items()})

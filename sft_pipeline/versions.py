@@ -141,6 +141,17 @@ def push(root: Path) -> bool:
     return True
 
 
+def snapshot_tags(paths: Paths, root: Path = Path(".")) -> dict[str, str]:
+    """`data.raw_dvc_md5` and `model.pretrained_dvc_md5`: the hashes of the DVC snapshots (`dvc add`: data/raw.dvc,
+    models/pretrained.dvc) of the folders the stages read, where the folders have one."""
+    tags = {}
+    for key, folder in (("data.raw_dvc_md5", paths.raw_dir), ("model.pretrained_dvc_md5", paths.pretrained_dir)):
+        md5 = snapshot_md5(root, folder) if folder is not None else None
+        if md5:
+            tags[key] = md5
+    return tags
+
+
 def tag_lineage(paths: Paths, commit_sha: str, root: Path = Path(".")) -> dict[str, str]:
     """Tag the MLflow run of paths.mlflow_run and the model version of paths.promotion with the commit that pins them
     and the DVC hashes of the raw folder and base models: `pinned.commit`, `data.raw_dvc_md5`,
@@ -151,11 +162,7 @@ def tag_lineage(paths: Paths, commit_sha: str, root: Path = Path(".")) -> dict[s
 
     from sft_pipeline import tracking
 
-    tags = {"pinned.commit": commit_sha}
-    for key, folder in (("data.raw_dvc_md5", paths.raw_dir), ("model.pretrained_dvc_md5", paths.pretrained_dir)):
-        md5 = snapshot_md5(root, folder) if folder is not None else None
-        if md5:
-            tags[key] = md5
+    tags = {"pinned.commit": commit_sha, **snapshot_tags(paths, root)}
     tracking.use_store(paths, root)
     client = MlflowClient()
     run_file, promotion = Path(root) / paths.mlflow_run, Path(root) / paths.promotion
