@@ -62,12 +62,6 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def barrier() -> None:
-    dist = _dist()
-    if dist is not None:
-        dist.barrier()
-
-
 def from_main(value):
     """`value` as process 0 has it, on every process (process 0's decision, e.g. the checkpoint to resume)."""
     dist = _dist()

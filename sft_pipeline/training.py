@@ -247,19 +247,15 @@ class RankBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def all_parts(self) -> list[list[np.ndarray]]:
-        """For each global micro-batch, the parts of processes 0..N-1."""
-        return [np.array_split(batch, self.processes) for batch in global_micro_batches(
-            self.n_rows, self.lengths, self.batch_size * self.processes, self.accumulation, self.processes,
-            self.seed, self.epoch)]
+    def _global(self) -> list[np.ndarray]:
+        return global_micro_batches(self.n_rows, self.lengths, self.batch_size * self.processes, self.accumulation,
+                                    self.processes, self.seed, self.epoch)
 
     def __iter__(self):
-        return iter([int(i) for i in parts[self.rank]] for parts in self.all_parts())
+        return iter([int(i) for i in np.array_split(batch, self.processes)[self.rank]] for batch in self._global())
 
     def __len__(self) -> int:
-        total = self.batch_size * self.processes
-        count = -(-self.n_rows // total)
-        return count - 1 if count > 1 and self.n_rows % total and self.n_rows % total < self.processes else count
+        return len(self._global())
 
 
 def trainer_class():
